@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.ray_head import RayHead, start_ray_head
+from tests.support.ray_head import RayHead, free_port, start_ray_head
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -39,7 +39,7 @@ def ray_local():
     """
     import ray
 
-    context = ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+    context = ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
                        configure_logging=False)
     yield context.address_info["gcs_address"]
     ray.shutdown()
@@ -49,6 +49,20 @@ def ray_local():
 def ray_env(ray_local) -> dict[str, str]:
     """Environment for a subprocess (the real CLI) that should run on the session's Ray cluster."""
     return {**os.environ, "RAY_ADDRESS": ray_local}
+
+
+@pytest.fixture(scope="session")
+def serve_port(ray_local) -> int:
+    """Ray Serve's HTTP proxy on the session cluster, on a free loopback port (one proxy per cluster).
+
+    Every app deployed in tests shares it, under its own app name and route prefix.
+    """
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield port
+    serve.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -56,7 +56,7 @@ class RayHead:
                 self.process.kill()
 
 
-def start_ray_head(workdir: Path, num_cpus: int = 4, ready_timeout: float = 120) -> RayHead:
+def start_ray_head(workdir: Path, num_cpus: int = 8, ready_timeout: float = 120) -> RayHead:
     gcs_port, dashboard_port = free_port(), free_port()
     log_path = workdir / "ray-head.log"
     command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
