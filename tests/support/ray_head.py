@@ -1,18 +1,21 @@
 """A Ray head node for job-submission tests: ``ray start --head --block`` on free ports.
 
 ``--block`` keeps the head in the foreground, so stopping *this* process stops only this cluster
-(``ray stop`` would stop every Ray cluster on the machine, other test sessions' included).
+(``ray stop`` would stop every Ray cluster on the machine, other test sessions' included). The head
+uses token authentication (Ray 2.60's default once a token exists), so clients get ``RAY_AUTH_MODE=token``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,10 +35,12 @@ class RayHead:
     dashboard_url: str
     gcs_address: str
     log_path: Path
+    auth_token: str
 
     def env(self, **extra: str) -> dict[str, str]:
         """Environment for ``ray job submit`` against this head."""
-        return {**os.environ, "RAY_ADDRESS": self.dashboard_url, **extra}
+        return {**os.environ, "RAY_ADDRESS": self.dashboard_url, "RAY_AUTH_MODE": "token",
+                "RAY_AUTH_TOKEN": self.auth_token, **extra}
 
     def submit(self, entrypoint: list[str], timeout: float = 600, env_vars: dict[str, str] | None = None,
                working_dir: str | Path = REPO_ROOT) -> subprocess.CompletedProcess:
@@ -53,7 +58,15 @@ class RayHead:
             try:
                 self.process.wait(timeout=60)
             except subprocess.TimeoutExpired:
-                self.process.kill()
+                _kill_group(self.process)
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    """Kill the head and every process it started (they share its session)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def start_ray_head(workdir: Path, num_cpus: int = 8, ready_timeout: float = 120) -> RayHead:
@@ -64,21 +77,25 @@ def start_ray_head(workdir: Path, num_cpus: int = 8, ready_timeout: float = 120)
                f"--num-cpus={num_cpus}", "--include-dashboard=true", "--disable-usage-stats",
                f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
                f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
+    # A token of this head's own, so it neither needs nor touches ~/.ray/auth_token.
+    auth_token = secrets.token_hex(32)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": auth_token}
     with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     dashboard_url = f"http://127.0.0.1:{dashboard_port}"
     deadline = time.monotonic() + ready_timeout
     while True:  # poll until the job API answers (a readiness check, bounded in time)
         if process.poll() is not None:
             raise RuntimeError(f"ray start --head exited early:\n{log_path.read_text()[-3000:]}")
         try:
-            with urllib.request.urlopen(f"{dashboard_url}/api/version", timeout=2) as response:
-                if response.status == 200:
-                    break
+            with urllib.request.urlopen(f"{dashboard_url}/api/version", timeout=2):
+                break
+        except urllib.error.HTTPError:
+            break  # the job API answers (401 without a token): it is up
         except OSError:
             pass
         if time.monotonic() > deadline:
-            process.kill()
+            _kill_group(process)
             raise RuntimeError(f"Ray head not ready in {ready_timeout}s:\n{log_path.read_text()[-3000:]}")
         time.sleep(0.5)
-    return RayHead(process, dashboard_url, f"127.0.0.1:{gcs_port}", log_path)
+    return RayHead(process, dashboard_url, f"127.0.0.1:{gcs_port}", log_path, auth_token)
