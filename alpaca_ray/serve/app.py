@@ -1,0 +1,423 @@
+"""The Ray Serve application: an OpenAI-compatible API, the demo page, reports, filter and watermark.
+
+``build_app(args)`` is the typed builder: it turns a :class:`ServeConfig` (or the mapping a Serve config
+file passes as ``args``) into the bound application, so ``serve run``/``serve deploy`` of
+``alpaca_ray.serve.app:build_app`` and ``alpaca-ray serve`` deploy the same thing. ``deploy(config)``
+runs it on the cluster (reusing a running Serve instance) and waits until it answers ``/healthz``.
+"""
+
+# no `from __future__ import annotations`: FastAPI must see real types through Serve's class-based views
+import asyncio
+import hmac
+import json
+import time
+import urllib.request
+from collections.abc import AsyncIterator
+from html import escape as html_escape
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.serve import Application
+
+from alpaca_ray.config import UserError, config_from_dict, config_to_dict
+from alpaca_ray.prompts import PROMPT_NO_INPUT, PROMPT_WITH_INPUT, format_prompt
+from alpaca_ray.serve.config import ServeConfig, api_key_hash, hash_key, resolve_config
+from alpaca_ray.serve.content_filter import REFUSAL, make_filter
+from alpaca_ray.serve.engine import Delta, SamplingParams, TransformersEngine, VLLMEngine, vllm_available
+from alpaca_ray.serve.metrics import Metrics
+from alpaca_ray.serve.openai_api import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    chat_body,
+    chat_to_prompt,
+    completion_body,
+    new_id,
+    sse,
+    stream_chunk,
+    usage,
+    validation_error,
+)
+from alpaca_ray.serve.reports import REPORT_REASONS, ReportStore
+from alpaca_ray.serve.watermark import WatermarkDetector, WatermarkLogitsProcessor, watermark_vocab_size
+
+DEMO_PAGE = Path(__file__).with_name("demo.html")
+
+api = FastAPI(title="alpaca-ray", description="An Alpaca-style instruction model behind an OpenAI-compatible API.")
+
+
+@api.exception_handler(APIError)
+async def _api_error(request: Request, error: APIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    # FastAPI answers 422 with its own shape; OpenAI clients expect 400 and {"error": {...}}
+    converted = validation_error(list(error.errors()))
+    return JSONResponse(converted.body(), status_code=converted.status)
+
+
+class ReportRequest(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    reason: str
+    response: str
+    instruction: str = ""
+    input: str = ""
+    prompt: str = ""
+    details: str = Field("", max_length=5000)
+    model: str | None = None
+
+
+class DetectRequest(BaseModel):
+    model_config = ConfigDict(strict=True)
+
+    text: str
+
+
+@serve.deployment
+@serve.ingress(api)
+class AlpacaServer:
+    """One replica: the engine, the filter, the report store and the metrics."""
+
+    def __init__(self, config: dict, api_key_sha256: str | None = None):
+        self.config = config_from_dict(ServeConfig, config, source="serve app config")
+        self.api_key_sha256 = api_key_sha256  # only the key's hash travels to replicas
+        self.metrics = Metrics()
+        self.model_id = self.config.model_id
+        device = "cuda" if self.config.use_gpu else "cpu"
+        # auto picks vLLM on GPUs where it is installed, unless the watermark (a transformers logits
+        # processor here) is wanted
+        use_vllm = self.config.engine == "vllm" or (self.config.engine == "auto" and self.config.use_gpu
+                                                      and not self.config.watermark and vllm_available())
+        vocab_size = watermark_vocab_size(self.config.model)  # the detector must use what the generator used
+        if use_vllm:
+            self.engine = VLLMEngine(self.config.model, max_batch_size=self.config.max_batch_size)
+        else:
+            processors = []
+            if self.config.watermark:
+                processors.append(WatermarkLogitsProcessor(vocab_size, self.config.watermark_gamma,
+                                                           self.config.watermark_delta, self.config.watermark_key))
+            self.engine = TransformersEngine(self.config.model, device=device, dtype=self.config.dtype,
+                                             max_batch_size=self.config.max_batch_size,
+                                             batch_wait_timeout_s=self.config.batch_wait_timeout_s,
+                                             logits_processors=processors, metrics=self.metrics)
+        self.detector = WatermarkDetector(self.engine.tokenizer, vocab_size, self.config.watermark_gamma,
+                                          self.config.watermark_key, self.config.watermark_z_threshold)
+        self.filter = make_filter(self.config.content_filter, self.config.filter_terms,
+                                  self.config.filter_terms_file, self.config.moderation_base_url,
+                                  self.config.moderation_model, self.config.moderation_api_key_env)
+        self.reports = ReportStore(self.config.reports_db)
+
+    # ---- helpers ----
+    def _authorize(self, request: Request) -> None:
+        if self.api_key_sha256 is None:
+            return
+        header = request.headers.get("authorization", "")
+        given = header[7:].strip() if header.lower().startswith("bearer ") else ""
+        if not given or not hmac.compare_digest(hash_key(given), self.api_key_sha256):
+            raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
+                           type="invalid_request_error", code="invalid_api_key")
+
+    def _check_model(self, model: str) -> None:
+        if model != self.model_id:
+            raise APIError(404, f"The model '{model}' does not exist; this server serves '{self.model_id}'.",
+                           param="model", code="model_not_found")
+
+    def _sampling(self, body, max_tokens: int | None, prompts: list[str], param: str) -> tuple[SamplingParams, int]:
+        if max_tokens is None:  # unasked: the default, shortened to what the context leaves (at least 1)
+            longest = max(self.engine.count_prompt_tokens(p) for p in prompts)
+            max_tokens = max(1, min(self.config.default_max_tokens, self.engine.context_length - longest))
+        if not 1 <= max_tokens <= self.config.max_tokens_limit:
+            raise APIError(400, f"max_tokens must be between 1 and {self.config.max_tokens_limit}, got {max_tokens}",
+                           param="max_tokens", code="invalid_value")
+        prompt_tokens = 0
+        for prompt in prompts:
+            count = self.engine.count_prompt_tokens(prompt)
+            if count == 0:
+                raise APIError(400, "the prompt is empty", param=param, code="invalid_value")
+            if count + max_tokens > self.engine.context_length:
+                raise APIError(400, f"This model's maximum context length is {self.engine.context_length} tokens. "
+                                    f"However, you requested {count + max_tokens} tokens ({count} in the prompt, "
+                                    f"{max_tokens} for the completion). Please shorten the prompt or max_tokens.",
+                               param=param, code="context_length_exceeded")
+            prompt_tokens += count
+        params = SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                                stop=body.stop_list(), seed=body.seed)
+        return params, prompt_tokens
+
+    def _choice_params(self, params: SamplingParams, index: int) -> SamplingParams:
+        seed = None if params.seed is None else params.seed + index
+        return SamplingParams(params.max_tokens, params.temperature, params.top_p, params.stop, seed)
+
+    def _refusal(self, reason: str, where: str) -> str:
+        self.metrics.inc("flagged_total", where=where)
+        return REFUSAL.format(reason=reason)
+
+    async def _check(self, text: str):
+        if self.filter.cheap:
+            return self.filter.check(text)
+        return await asyncio.to_thread(self.filter.check, text)
+
+    async def _generate_text(self, prompt: str, params: SamplingParams) -> tuple[str, str, int]:
+        """A whole answer (non-streaming): (text, finish_reason, completion_tokens)."""
+        text, finish, tokens = [], "stop", 0
+        async for delta in self.engine.generate(prompt, params):
+            text.append(delta.text)
+            finish, tokens = delta.finish_reason or finish, delta.completion_tokens
+        answer = "".join(text)
+        verdict = await self._check(answer)
+        if verdict.flagged:
+            return self._refusal(verdict.reason, "response"), "content_filter", tokens
+        return answer, finish, tokens
+
+    async def _run(self, kind: str, prompts: list[str], body, params: SamplingParams, prompt_tokens: int,
+                   started: float):
+        request_id = new_id("chatcmpl" if kind == "chat" else "cmpl")
+        jobs = [(prompt, self._choice_params(params, i)) for prompt in prompts for i in range(body.n)]
+        verdicts = [await self._check(prompt) for prompt in prompts]
+        flagged = [verdicts[j // body.n] for j in range(len(jobs))]
+        self.metrics.inc("prompt_tokens_total", prompt_tokens)
+        if body.stream:
+            events = self._stream(kind, request_id, body, jobs, flagged, prompt_tokens, started)
+            return StreamingResponse(events, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+        async def one(job, verdict):
+            if verdict.flagged:
+                return self._refusal(verdict.reason, "prompt"), "content_filter", 0
+            return await self._generate_text(*job)
+
+        results = await asyncio.gather(*(one(job, verdict) for job, verdict in zip(jobs, flagged)))
+        completion_tokens = sum(r[2] for r in results)
+        build = chat_body if kind == "chat" else completion_body
+        self._done(kind, 200, started)
+        return build(request_id, self.model_id, [(r[0], r[1]) for r in results], prompt_tokens, completion_tokens)
+
+    async def _stream(self, kind: str, request_id: str, body, jobs, flagged, prompt_tokens: int,
+                      started: float) -> AsyncIterator[str]:
+        created = int(time.time())
+        merged: asyncio.Queue = asyncio.Queue()
+        tokens = [0] * len(jobs)
+
+        async def run_choice(index: int, prompt: str, params: SamplingParams, verdict) -> None:
+            try:
+                if verdict.flagged:
+                    await merged.put((index, Delta(self._refusal(verdict.reason, "prompt"), 0, "content_filter")))
+                elif not self.filter.cheap:
+                    # a network filter sees the whole answer before any of it is sent
+                    text, finish, count = await self._generate_text(prompt, params)
+                    tokens[index] = count
+                    await merged.put((index, Delta(text, count, finish)))
+                else:
+                    sent = ""
+                    async for delta in self.engine.generate(prompt, params):
+                        tokens[index] = delta.completion_tokens
+                        verdict = self.filter.check(sent + delta.text)
+                        if verdict.flagged:  # the offending piece is never sent
+                            await merged.put((index, Delta("\n\n" + self._refusal(verdict.reason, "response"),
+                                                           delta.completion_tokens, "content_filter")))
+                            return
+                        sent += delta.text
+                        await merged.put((index, delta))
+            except Exception as err:  # noqa: BLE001 - end this choice, keep the stream well-formed
+                await merged.put((index, Delta(f"[error: {type(err).__name__}]", tokens[index], "error")))
+
+        tasks = [asyncio.create_task(run_choice(i, prompt, params, verdict))
+                 for i, ((prompt, params), verdict) in enumerate(zip(jobs, flagged))]
+        try:
+            first = [True] * len(jobs)
+            if kind == "chat":  # the role comes first, as OpenAI sends it
+                for index in range(len(jobs)):
+                    yield sse(stream_chunk(kind, request_id, self.model_id, created, index, "", None, first=True))
+                    first[index] = False
+            remaining = len(jobs)
+            while remaining:
+                index, delta = await merged.get()
+                if delta.finish_reason is not None:
+                    remaining -= 1
+                yield sse(stream_chunk(kind, request_id, self.model_id, created, index, delta.text,
+                                       delta.finish_reason, first=first[index]))
+            if body.include_usage():
+                yield sse({"id": request_id, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+                           "created": created, "model": self.model_id, "choices": [],
+                           "usage": usage(prompt_tokens, sum(tokens))})
+            yield sse("[DONE]")
+            self._done(kind, 200, started)
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    def _done(self, route: str, status: int, started: float) -> None:
+        self.metrics.inc("requests_total", route=route, status=str(status))
+        self.metrics.observe("request_latency_seconds", time.monotonic() - started)
+
+    async def _guarded(self, route: str, request: Request, work):
+        """Run a /v1 handler, counting errors as requests too."""
+        started = time.monotonic()
+        try:
+            self._authorize(request)
+            return await work(started)
+        except APIError as error:
+            self.metrics.inc("requests_total", route=route, status=str(error.status))
+            raise
+
+    # ---- routes ----
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def demo_page(self, request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "").rstrip("/")
+        html = DEMO_PAGE.read_text(encoding="utf-8")
+        html = html.replace("{{ROOT}}", root).replace("{{MODEL}}", html_escape(self.model_id))
+        html = html.replace("{{NEEDS_KEY}}", "true" if self.api_key_sha256 else "false")
+        templates = json.dumps({"with_input": PROMPT_WITH_INPUT, "no_input": PROMPT_NO_INPUT})
+        html = html.replace("{{TEMPLATES}}", templates.replace("</", "<\\/"))
+        html = html.replace("{{REASONS}}", "".join(f'<option value="{r}">{r}</option>' for r in REPORT_REASONS))
+        return HTMLResponse(html)
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok", "model": self.model_id}
+
+    @api.get("/metrics", response_class=PlainTextResponse)
+    async def metrics_page(self) -> PlainTextResponse:
+        stats = self.engine.stats()
+        self.metrics.set("queue_depth", stats.get("queue_depth", 0))
+        return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> dict:
+        async def work(started):
+            self._done("models", 200, started)
+            return {"object": "list", "data": [{"id": self.model_id, "object": "model", "created": 0,
+                                                "owned_by": "alpaca-ray"}]}
+        return await self._guarded("models", request, work)
+
+    @api.post("/v1/completions")
+    async def completions(self, body: CompletionRequest, request: Request):
+        async def work(started):
+            self._check_model(body.model)
+            prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+            if not prompts:
+                raise APIError(400, "prompt must not be an empty list", param="prompt")
+            params, prompt_tokens = self._sampling(body, body.max_tokens, prompts, "prompt")
+            return await self._run("completions", prompts, body, params, prompt_tokens, started)
+        return await self._guarded("completions", request, work)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatRequest, request: Request):
+        async def work(started):
+            self._check_model(body.model)
+            prompt = chat_to_prompt(body.messages)
+            max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+            params, prompt_tokens = self._sampling(body, max_tokens, [prompt], "messages")
+            return await self._run("chat", [prompt], body, params, prompt_tokens, started)
+        return await self._guarded("chat", request, work)
+
+    @api.post("/v1/reports")
+    async def add_report(self, body: ReportRequest, request: Request) -> dict:
+        async def work(started):
+            if body.reason not in REPORT_REASONS:
+                raise APIError(400, f"reason must be one of {', '.join(REPORT_REASONS)}", param="reason",
+                               code="invalid_value")
+            prompt = body.prompt or (format_prompt(body.instruction, body.input) if body.instruction else "")
+            report_id = await asyncio.to_thread(
+                self.reports.add, model=body.model or self.model_id, response=body.response, reason=body.reason,
+                instruction=body.instruction, input=body.input, prompt=prompt, details=body.details)
+            self.metrics.inc("reports_total")
+            self._done("reports", 200, started)
+            return {"id": report_id, "object": "report"}
+        return await self._guarded("reports", request, work)
+
+    @api.get("/v1/reports")
+    async def list_reports(self, request: Request, limit: int = 100, offset: int = 0) -> dict:
+        async def work(started):
+            if not 1 <= limit <= 10000 or offset < 0:
+                raise APIError(400, "limit must be in 1..10000 and offset >= 0", param="limit")
+            rows = await asyncio.to_thread(self.reports.list, limit, offset)
+            self._done("reports", 200, started)
+            return {"object": "list", "data": rows}
+        return await self._guarded("reports", request, work)
+
+    @api.post("/v1/watermark/detect")
+    async def detect_watermark(self, body: DetectRequest, request: Request) -> dict:
+        async def work(started):
+            detection = await asyncio.to_thread(self.detector.detect, body.text)
+            self._done("watermark", 200, started)
+            return {"object": "watermark.detection", **detection.to_dict()}
+        return await self._guarded("watermark", request, work)
+
+
+def build_app(args: dict | ServeConfig) -> Application:
+    """The typed builder: a :class:`ServeConfig` (or its fields as a mapping) -> the bound Serve app."""
+    config = args if isinstance(args, ServeConfig) else config_from_dict(ServeConfig, dict(args), "serve app args")
+    config = resolve_config(config)
+    options: dict = {
+        "ray_actor_options": {"num_cpus": config.num_cpus_per_replica, "num_gpus": 1 if config.use_gpu else 0},
+        "max_ongoing_requests": config.max_ongoing_requests,
+    }
+    if config.autoscaling:
+        options["autoscaling_config"] = config.autoscaling
+    else:
+        options["num_replicas"] = config.num_replicas
+    return AlpacaServer.options(**options).bind(config_to_dict(config), api_key_hash(config))
+
+
+def app_url(config: ServeConfig) -> str:
+    host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
+    return f"http://{host}:{config.port}{config.route_prefix.rstrip('/')}/"
+
+
+def wait_healthy(url: str, timeout_s: float) -> None:
+    """Poll ``URL/healthz`` through the proxy until it answers 200 (bounded by ``timeout_s``)."""
+    deadline = time.monotonic() + timeout_s
+    last_error = ""
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url + "healthz", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError as err:
+            last_error = str(err)
+        time.sleep(0.25)
+    raise UserError(f"the app did not answer {url}healthz within {timeout_s:.0f}s ({last_error}); if Serve "
+                    "already runs on this cluster with another HTTP port, pass that port as --port")
+
+
+def _running_http_options() -> tuple[str, int] | None:
+    """Host and port of the Serve proxy already configured on this cluster (None if unknown)."""
+    try:  # a private accessor of Ray 2.60; only used to report the right URL
+        from ray.serve.context import _get_global_client
+
+        http = _get_global_client().http_config
+        return str(http.host), int(http.port)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def deploy(config: ServeConfig) -> str:
+    """Deploy the app on the current Ray cluster (starting Serve if needed); return its base URL when healthy."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+    app = build_app(config)  # before serve.start, so a bad config fails without side effects
+    serve.start(http_options={"host": config.host, "port": config.port})
+    try:
+        serve.run(app, name=config.app_name, route_prefix=config.route_prefix, blocking=False)
+    except RuntimeError as err:  # a replica failed to start (e.g. the model would not load): say why, briefly
+        raise UserError(f"deploying app {config.app_name!r} failed:\n{str(err)[-2000:]}") from None
+    url = app_url(config)
+    running = _running_http_options()
+    if running and (running[0], running[1]) != (config.host, config.port):
+        # Serve was already running here with other HTTP options: the app is served on those
+        print(f"note: Serve already runs on this cluster at {running[0]}:{running[1]}; "
+              f"--host/--port {config.host}:{config.port} are not applied", flush=True)
+        url = app_url(config_from_dict(ServeConfig, {**config_to_dict(config), "host": running[0],
+                                                     "port": running[1]}))
+    wait_healthy(url, config.ready_timeout_s)
+    return url

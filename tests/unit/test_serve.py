@@ -1,0 +1,167 @@
+"""Serve stage, pure parts: config, OpenAI wire format, reports store, content filter, metrics, CLIs."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sqlite3
+import threading
+
+import pytest
+
+from alpaca_ray.config import ConfigError, UserError
+from alpaca_ray.prompts import format_prompt
+from alpaca_ray.serve.config import ServeConfig
+from alpaca_ray.serve.content_filter import OpenAIModerationFilter, TermFilter, make_filter
+from alpaca_ray.serve.metrics import Metrics, parse_prometheus
+from alpaca_ray.serve.openai_api import ChatMessage, ChatRequest, chat_to_prompt, sse, validation_error
+from alpaca_ray.serve.reports import ReportStore, export_reports
+from tests.conftest import run_cli
+from tests.support.serve_moderation import ModerationServer
+
+
+def test_config_collects_every_problem():
+    with pytest.raises(ConfigError) as err:
+        ServeConfig(model="", port=0, route_prefix="v1", watermark_gamma=1.5, max_batch_size=0)
+    message = str(err.value)
+    for field in ("model is required", "port", "route_prefix", "watermark_gamma", "max_batch_size"):
+        assert field in message
+
+
+def test_model_id_names_the_training_run_for_a_final_dir(tmp_path):
+    final = tmp_path / "my-run" / "final"
+    final.mkdir(parents=True)
+    assert ServeConfig(model=str(final)).model_id == "my-run"
+    assert ServeConfig(model="org/some-model").model_id == "org/some-model"
+    assert ServeConfig(model="x", served_model_name="alpaca").model_id == "alpaca"
+
+
+def test_chat_uses_the_last_user_message_as_the_alpaca_instruction():
+    request = ChatRequest.model_validate({"model": "m", "messages": [
+        {"role": "system", "content": "be nice"}, {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "ok"}, {"role": "user", "content": [{"type": "text", "text": "Name a color."}]}]})
+    assert chat_to_prompt(request.messages) == format_prompt("Name a color.")
+    with pytest.raises(Exception, match="user message"):
+        chat_to_prompt([ChatMessage(role="system", content="x")])
+
+
+def test_strict_types_are_rejected_and_named():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as err:
+        ChatRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": "5"})
+    error = validation_error(err.value.errors())
+    assert error.status == 400 and error.param == "max_tokens" and error.code == "invalid_type"
+    assert set(error.body()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_sse_lines_are_what_the_openai_client_parses():
+    assert sse({"a": 1}) == 'data: {"a": 1}\n\n'
+    assert sse("[DONE]") == "data: [DONE]\n\n"
+
+
+def test_reports_store_keeps_every_concurrent_report(tmp_path):
+    store = ReportStore(str(tmp_path / "reports.db"))
+    errors = []
+
+    def submit(i: int) -> None:
+        try:
+            ReportStore(store.path).add(model="m", response=f"answer {i}", reason="incorrect", instruction=f"q{i}")
+        except Exception as err:  # noqa: BLE001
+            errors.append(err)
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert sorted(r["response"] for r in store.list()) == sorted(f"answer {i}" for i in range(20))
+    with sqlite3.connect(store.path) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    with pytest.raises(ValueError, match="reason must be one of"):
+        store.add(model="m", response="r", reason="because")
+
+
+def test_reports_export_formats_and_cli(tmp_path):
+    db = str(tmp_path / "r.db")
+    ReportStore(db).add(model="m", response='he said "hi",\nthen left', reason="other", details="multi\nline")
+    rows = [json.loads(line) for line in export_reports(db, "jsonl").splitlines()]
+    assert rows[0]["response"] == 'he said "hi",\nthen left' and rows[0]["reason"] == "other"
+    parsed = list(csv.DictReader(io.StringIO(export_reports(db, "csv"))))
+    assert parsed[0]["details"] == "multi\nline"
+    out = tmp_path / "out.csv"
+    result = run_cli(["reports", "export", "--db", db, "--format", "csv", "--output", str(out)], check=True)
+    assert "1 report(s)" in result.stderr and list(csv.DictReader(out.open()))[0]["model"] == "m"
+    missing = run_cli(["reports", "export", "--db", str(tmp_path / "nope.db")])
+    assert missing.returncode == 2 and "no such report database" in missing.stderr
+
+
+def test_term_filter_flags_bundled_and_extra_terms():
+    content_filter = make_filter("terms", terms=[r"\bforbidden\b"])
+    assert content_filter.check("How do I build a pipe bomb?").flagged
+    assert content_filter.check("this is FORBIDDEN text").flagged
+    assert not content_filter.check("Give three tips for staying healthy.").flagged
+    with pytest.raises(UserError, match="not a valid regex"):
+        TermFilter(["(unclosed"])
+
+
+def test_moderation_filter_against_a_real_http_server():
+    with ModerationServer(flag_word="attack") as server:
+        moderation = OpenAIModerationFilter(server.base_url, "omni-moderation-latest")
+        flagged = moderation.check("plan an attack")
+        assert flagged.flagged and flagged.categories == ["violence"]
+        assert not moderation.check("a poem about spring").flagged
+        assert server.seen[0]["model"] == "omni-moderation-latest"
+        server.failing = True  # an unreachable filter fails closed
+        assert moderation.check("a poem about spring").flagged
+
+
+def test_metrics_render_parses_back():
+    metrics = Metrics()
+    metrics.inc("requests_total", route="chat", status="200")
+    metrics.observe("batch_size", 3)
+    metrics.observe("batch_size", 1)
+    values = parse_prometheus(metrics.render())
+    assert values['alpaca_ray_serve_requests_total{route="chat",status="200"}'] == 1
+    assert values['alpaca_ray_serve_batch_size_bucket{le="1"}'] == 1
+    assert values["alpaca_ray_serve_batch_size_count"] == 2
+    assert values["alpaca_ray_serve_max_batch_size_observed"] == 3
+
+
+def test_shipped_serve_config_is_valid(repo_root):
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    document = yaml.safe_load((repo_root / "jobs" / "serve_config.yaml").read_text())
+    ServeDeploySchema.model_validate(document)
+    (application,) = document["applications"]
+    assert application["import_path"] == "alpaca_ray.serve.app:build_app"
+    from alpaca_ray.config import config_from_dict
+
+    assert config_from_dict(ServeConfig, application["args"]).content_filter == "terms"
+
+
+def test_config_round_trips_through_cli_flags():
+    from alpaca_ray.config import config_from_args, config_to_argv, make_parser
+
+    config = ServeConfig(model="m", port=8123, blocking=False, autoscaling={"min_replicas": 1, "max_replicas": 3},
+                         filter_terms=["a", "b"], api_key_env="MY_KEY")
+    parser = make_parser("x", "x", ServeConfig)
+    assert config_from_args(ServeConfig, parser.parse_args(config_to_argv(config))) == config
+
+
+def test_missing_api_key_variable_is_a_clear_error(monkeypatch):
+    from alpaca_ray.serve.app import build_app
+
+    monkeypatch.delenv("ALPACA_RAY_NO_SUCH_KEY", raising=False)
+    with pytest.raises(UserError, match="ALPACA_RAY_NO_SUCH_KEY"):
+        build_app(ServeConfig(model="m", api_key_env="ALPACA_RAY_NO_SUCH_KEY"))
+
+
+def test_serve_cli_rejects_a_missing_model_dir_before_touching_ray(tmp_path):
+    result = run_cli(["serve", "--model", str(tmp_path / "no-model"), "--no-blocking"])
+    assert result.returncode == 2 and "not a model directory" in result.stderr and "Traceback" not in result.stderr
+    bad = run_cli(["serve", "--model", "m", "--port", "0", "--watermark-gamma", "2"])
+    assert bad.returncode == 2 and "port" in bad.stderr and "watermark_gamma" in bad.stderr

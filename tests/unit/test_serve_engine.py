@@ -1,0 +1,123 @@
+"""The transformers engine (batching, streaming, sampling) and the watermark, on the tiny model, without Ray."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+
+import pytest
+import torch
+
+from alpaca_ray.serve.engine import SamplingParams, TransformersEngine, held_back_suffix, sample_next
+from alpaca_ray.serve.metrics import Metrics
+from alpaca_ray.serve.watermark import (
+    WatermarkDetector,
+    WatermarkLogitsProcessor,
+    detect_token_ids,
+    green_list,
+)
+from tests.conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def detector(tiny_model_dir) -> WatermarkDetector:
+    return WatermarkDetector.from_model(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_model_dir, detector):
+    plain = TransformersEngine(str(tiny_model_dir), max_batch_size=16, batch_wait_timeout_s=0.05, metrics=Metrics())
+    marked = TransformersEngine(str(tiny_model_dir), logits_processors=[WatermarkLogitsProcessor(detector.vocab_size)])
+    return plain, marked
+
+
+async def _answer(engine, prompt: str, **params) -> tuple[str, str, int, list[str]]:
+    pieces, finish, tokens = [], None, 0
+    async for delta in engine.generate(prompt, SamplingParams(**params)):
+        pieces.append(delta.text)
+        finish, tokens = delta.finish_reason, delta.completion_tokens
+    return "".join(pieces), finish, tokens, pieces
+
+
+def test_sampling_helpers():
+    logits = torch.tensor([0.0, 5.0, 1.0])
+    assert sample_next(logits, 0.0, 1.0, None) == 1
+    # top_p small enough keeps only the most likely token
+    assert {sample_next(logits, 1.0, 0.5, torch.Generator().manual_seed(s)) for s in range(20)} == {1}
+    assert held_back_suffix("hello ##", ["###"]) == 2 and held_back_suffix("hello", ["###"]) == 0
+
+
+def test_batched_greedy_decoding_matches_one_at_a_time(engines):
+    plain, _ = engines
+    prompts = ["Name a color.", "Give three tips for staying healthy, please, in detail.", "Hi"]
+    alone = [asyncio.run(_answer(plain, p, max_tokens=12 + i, temperature=0.0))[0] for i, p in enumerate(prompts)]
+    before = len(plain.stats()["batches"])
+
+    async def together():
+        return await asyncio.gather(*(_answer(plain, p, max_tokens=12 + i, temperature=0.0)
+                                      for i, p in enumerate(prompts)))
+
+    batched = asyncio.run(together())
+    assert [b[0] for b in batched] == alone  # left padding and dropping finished rows change nothing
+    assert [b[2] for b in batched] == [12, 13, 14] and {b[1] for b in batched} == {"length"}
+    assert max(plain.stats()["batches"][before:]) > 1  # they really shared a batch
+
+
+def test_streams_pieces_stops_and_seeds(engines):
+    plain, _ = engines
+    text, finish, tokens, pieces = asyncio.run(_answer(plain, "Hello", max_tokens=30, seed=7))
+    assert len(pieces) > 1 and "".join(pieces) == text and tokens == 30 and finish == "length"
+    assert asyncio.run(_answer(plain, "Hello", max_tokens=30, seed=7))[0] == text  # seeded: reproducible
+    stop = text[5:7]
+    stopped, finish, _, _ = asyncio.run(_answer(plain, "Hello", max_tokens=30, seed=7, stop=[stop]))
+    assert finish == "stop" and stopped == text[: text.find(stop)] and stop not in stopped
+
+
+def test_green_lists_are_deterministic_and_sized(detector):
+    first = green_list(17, detector.vocab_size)
+    assert torch.equal(first, green_list(17, detector.vocab_size))
+    assert len(first) == int(0.25 * detector.vocab_size) and not torch.equal(first, green_list(18, detector.vocab_size))
+
+
+def test_detector_false_positive_rate_on_random_token_sequences(detector):
+    rng = random.Random(0)
+    z_scores = [detect_token_ids([rng.randrange(detector.vocab_size) for _ in range(200)], detector.vocab_size).z_score
+                for _ in range(200)]
+    # under the null hypothesis z is about N(0, 1): no sequence comes near the threshold of 4
+    assert max(z_scores) < 4 and abs(sum(z_scores) / len(z_scores)) < 0.3
+
+
+def test_watermarked_text_is_detected_and_plain_text_is_not(engines, detector):
+    """200 tokens at temperature 1.0; threshold z = 4, a one-sided false-positive rate of about 3e-5."""
+    plain, marked = engines
+
+    async def texts(engine):
+        return await asyncio.gather(*(_answer(engine, f"Instruction number {i}.", max_tokens=200, temperature=1.0,
+                                              seed=i) for i in range(6)))
+
+    # a random model sometimes ends early with EOS: judge the answers that got their 200 tokens
+    watermarked = [detector.detect(t[0]) for t in asyncio.run(texts(marked)) if t[1] == "length"]
+    unmarked = [detector.detect(t[0]) for t in asyncio.run(texts(plain)) if t[1] == "length"]
+    assert len(watermarked) >= 3 and len(unmarked) >= 3
+    assert all(d.watermarked and d.z_score > 4 for d in watermarked), [d.z_score for d in watermarked]
+    assert not any(d.watermarked for d in unmarked), [d.z_score for d in unmarked]
+    assert min(d.green_fraction for d in watermarked) > max(d.green_fraction for d in unmarked)
+
+
+def test_watermark_cli_gives_z_and_verdict(engines, detector, tiny_model_dir, tmp_path):
+    _, marked = engines
+    async def stories():
+        return await asyncio.gather(*(_answer(marked, "Write a story.", max_tokens=200, temperature=1.0, seed=s)
+                                      for s in range(4)))
+
+    text = next(answer for answer, finish, _, _ in asyncio.run(stories()) if finish == "length")
+    path = tmp_path / "answer.txt"
+    path.write_text(text, encoding="utf-8")
+    result = run_cli(["watermark", "detect", str(path), "--model", str(tiny_model_dir), "--json"], check=True)
+    detection = json.loads(result.stdout)
+    assert detection["watermarked"] and detection["z_score"] > 4
+    # without the deployment's key the green lists are other ones: nothing to see
+    assert not WatermarkDetector(detector.tokenizer, detector.vocab_size, key=12345).detect(text).watermarked
+    missing = run_cli(["watermark", "detect", str(tmp_path / "none.txt"), "--model", str(tiny_model_dir)])
+    assert missing.returncode == 2 and "cannot read" in missing.stderr
