@@ -62,7 +62,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
             continue
         tp, _ = _unwrap_optional(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else None
-        help_text = f.metadata.get("help", "")
+        help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
         if default not in (None, "", dataclasses.MISSING) and not isinstance(default, bool):
             help_text += f" (default: {default})"
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
