@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -72,14 +73,18 @@ def _kill_group(process: subprocess.Popen) -> None:
 def start_ray_head(workdir: Path, num_cpus: int = 8, ready_timeout: float = 120) -> RayHead:
     gcs_port, dashboard_port = free_port(), free_port()
     log_path = workdir / "ray-head.log"
+    # Its own temp dir: Ray points jobs at the cluster named in <temp dir>/ray_current_cluster, and
+    # /tmp/ray is shared with any other cluster on the machine. Kept short for Unix socket paths.
+    temp_dir = tempfile.mkdtemp(prefix="rh-", dir="/tmp")
     command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
                f"--port={gcs_port}", f"--dashboard-port={dashboard_port}", "--dashboard-host=127.0.0.1",
-               f"--num-cpus={num_cpus}", "--include-dashboard=true", "--disable-usage-stats",
+               f"--num-cpus={num_cpus}", "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={temp_dir}",
                f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
                f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
     # A token of this head's own, so it neither needs nor touches ~/.ray/auth_token.
     auth_token = secrets.token_hex(32)
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": auth_token}
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": auth_token,
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}  # tests need no drain on shutdown
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     dashboard_url = f"http://127.0.0.1:{dashboard_port}"
