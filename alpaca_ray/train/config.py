@@ -1,0 +1,109 @@
+"""The train stage's config: Stanford Alpaca's recipe as defaults, every choice a documented field."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from alpaca_ray.config import option, validate
+
+#: Alpaca trained with a per-device batch of 4 (4 GPUs x 4 x 8 accumulation steps = 128).
+DEFAULT_MAX_MICRO_BATCH = 4
+
+
+@dataclass
+class TrainConfig:
+    """Supervised fine-tuning of a causal LM on Alpaca-format data with FSDP2 on Ray Train."""
+
+    base_model: str = option("", "base model: a Hugging Face hub name or a local directory (required)")
+    data: str = option("", "training data: an Alpaca JSON/JSONL/Parquet file or a `datasets` hub name (required)")
+    output: str = option("", "output directory: final/, metrics.jsonl, loss.png, checkpoints (required)")
+    num_workers: int = option(2, "Ray Train workers (one per GPU with --use-gpu)")
+    use_gpu: bool = option(False, "train on GPUs (NCCL) instead of CPUs (gloo)")
+    epochs: int = option(3, "passes over the training data")
+    lr: float = option(2e-5, "peak learning rate (AdamW, cosine decay after warmup)")
+    global_batch_size: int = option(
+        128, "sequences per optimizer step over all workers (= micro x accumulation x workers); with packing "
+             "a sequence is one packed row of up to max_length tokens holding several examples")
+    micro_batch_size: int | None = option(
+        None, f"sequences per worker per forward pass (default: the largest divisor of "
+              f"global/workers up to {DEFAULT_MAX_MICRO_BATCH})")
+    max_length: int = option(512, "longest sequence in tokens; longer examples are truncated and counted")
+    packing: bool = option(
+        True, "pack several examples per sequence (each attends only to itself); falls back to "
+              "length-grouped padded batches when the model cannot take packed position ids")
+    resume: bool = option(False, "continue from the latest checkpoint in OUTPUT (same data order, LR, optimizer)")
+    max_steps: int | None = option(None, "stop after this many optimizer steps (smoke runs); the LR schedule "
+                                         "still spans the full run")
+    warmup_ratio: float = option(0.03, "share of the steps with a linear LR warmup")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    max_grad_norm: float = option(1.0, "clip the global gradient norm to this (Hugging Face Trainer's default)")
+    dtype: Literal["bfloat16", "float32"] = option(
+        "bfloat16", "compute dtype of the FSDP2 mixed-precision policy (gradients are reduced in float32)")
+    seed: int = option(42, "seed of the data order, the eval split and initialisation of new embeddings")
+    eval_fraction: float = option(0.02, "share of the data held out for the eval loss each epoch (0: none)")
+    eval_max_examples: int = option(500, "cap on the held-out examples")
+    checkpoint_every: int = option(200, "save a sharded checkpoint every this many steps (and at each epoch end)")
+    keep_checkpoints: int = option(2, "checkpoints kept on storage")
+    max_failures: int = option(1, "worker-group restarts from the latest checkpoint before giving up")
+    activation_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
+    cpu_offload: bool = option(False, "keep sharded parameters and optimizer state in CPU memory (FSDP2 offload)")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = option(
+        "auto", "attention kernel (auto: flash_attention_2 on GPU when installed, else sdpa)")
+    storage_path: str = option("", "Ray Train storage for checkpoints (default: OUTPUT/ray_results; use a "
+                                   "shared path or s3:// URI on a multi-node cluster)")
+    cpus_per_worker: int = option(1, "CPUs reserved per worker")
+    log_every: int = option(1, "write a metrics record every this many steps")
+
+    def __post_init__(self) -> None:
+        validate(self, [
+            (bool(self.base_model), "base_model is required (--base-model NAME_OR_PATH)"),
+            (bool(self.data), "data is required (--data FILE_OR_DATASET)"),
+            (bool(self.output), "output is required (--output DIR)"),
+            (self.num_workers >= 1, f"num_workers must be >= 1, got {self.num_workers}"),
+            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (self.global_batch_size >= 1, f"global_batch_size must be >= 1, got {self.global_batch_size}"),
+            (self.micro_batch_size is None or self.micro_batch_size >= 1,
+             f"micro_batch_size must be >= 1, got {self.micro_batch_size}"),
+            (self.max_length >= 8, f"max_length must be >= 8, got {self.max_length}"),
+            (self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}"),
+            (0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}"),
+            (0 <= self.eval_fraction < 1, f"eval_fraction must be in [0, 1), got {self.eval_fraction}"),
+            (self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}"),
+            (self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),
+            (self.max_failures >= 0, f"max_failures must be >= 0, got {self.max_failures}"),
+            (self.cpus_per_worker >= 1, f"cpus_per_worker must be >= 1, got {self.cpus_per_worker}"),
+            (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
+            *batch_size_checks(self.global_batch_size, self.num_workers, self.micro_batch_size),
+        ])
+
+    @property
+    def derived_micro_batch_size(self) -> int:
+        return derive_micro_batch_size(self.global_batch_size, self.num_workers, self.micro_batch_size)
+
+    @property
+    def grad_accumulation(self) -> int:
+        return self.global_batch_size // (self.derived_micro_batch_size * self.num_workers)
+
+
+def batch_size_checks(global_batch: int, workers: int, micro: int | None) -> list[tuple[bool, str]]:
+    """Checks that global = micro x accumulation x workers has a whole-number solution."""
+    if global_batch < 1 or workers < 1 or (micro is not None and micro < 1):
+        return []  # reported by the plain range checks
+    if micro is None:
+        return [(global_batch % workers == 0,
+                 f"global_batch_size {global_batch} is not divisible by num_workers {workers}")]
+    return [(global_batch % (micro * workers) == 0,
+             f"global_batch_size {global_batch} is not divisible by micro_batch_size {micro} x num_workers "
+             f"{workers} = {micro * workers}; global = micro x gradient accumulation x workers")]
+
+
+def derive_micro_batch_size(global_batch: int, workers: int, micro: int | None) -> int:
+    """The micro batch: the one given, else the largest divisor of global/workers up to Alpaca's 4."""
+    if micro is not None:
+        return micro
+    per_worker = global_batch // workers
+    return max(d for d in range(1, min(per_worker, DEFAULT_MAX_MICRO_BATCH) + 1) if per_worker % d == 0)

@@ -1,0 +1,228 @@
+"""The training loop that runs on every Ray Train worker: plan, model, step, eval, checkpoint, export.
+
+nanoGPT-plain on purpose: one function reads top to bottom, and one optimizer step fits on a screen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from alpaca_ray import storage
+from alpaca_ray.train.config import TrainConfig
+from alpaca_ray.train.data import (
+    IGNORE_INDEX,
+    Example,
+    collate,
+    cosine_lr,
+    epoch_units,
+    make_plan,
+    split_global_batch,
+)
+
+
+def read_examples(shard) -> dict[int, Example]:
+    """All rows of a Ray Data shard, keyed by id (every worker sees the whole tokenized set)."""
+    if shard is None:
+        return {}
+    return {int(row["id"]): Example(int(row["id"]), tuple(int(t) for t in row["input_ids"]), int(row["prompt_len"]))
+            for row in shard.iter_rows()}
+
+
+def token_loss_sum(model, batch: dict, device, flatten_packed: bool):
+    """Summed cross-entropy over the label tokens of one micro-batch (float32 logits for a stable loss)."""
+    import torch.nn.functional as F
+
+    inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    labels = batch["labels"].to(device)
+    if flatten_packed and "position_ids" in inputs:
+        # flash-attention's varlen path reads example boundaries from position_ids of a single row.
+        inputs = {k: v.reshape(1, -1) for k, v in inputs.items()}
+        labels = labels.reshape(1, -1)
+    logits = model(**inputs, use_cache=False).logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def batch_token_counts(micro_batches, examples: dict[int, Example], packed: bool) -> tuple[int, int, int]:
+    """(real, computed, label) tokens of a whole global batch, known on every rank without communication."""
+    real = computed = labels = 0
+    for per_worker in micro_batches:
+        for units in per_worker:
+            rows = [sum(len(examples[i]) for i in unit) for unit in units] or [0]
+            real += sum(rows)
+            computed += max(1, len(rows)) * max(1, max(rows))
+            labels += sum(len(examples[i]) - examples[i].prompt_len for unit in units for i in unit)
+    return real, computed, labels
+
+
+def append_metrics(path: str, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def truncate_metrics(path: str, start_step: int) -> None:
+    """On resume, drop records of steps the resumed run will redo, so each step appears once."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as handle:
+        records = [json.loads(line) for line in handle if line.strip()]
+    with open(path, "w", encoding="utf-8") as handle:
+        for record in records:
+            if record.get("step", 0) <= start_step:
+                handle.write(json.dumps(record) + "\n")
+
+
+def plot_loss(metrics_path: str, png_path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(metrics_path, encoding="utf-8") as handle:
+        records = [json.loads(line) for line in handle if line.strip()]
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (response tokens)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+def evaluate(model, eval_examples: dict[int, Example], cfg: TrainConfig, micro: int, pad_id: int, packed: bool,
+             rank: int, world: int, device, flatten: bool) -> float:
+    """Mean loss per response token over the held-out set; every rank runs the same number of passes."""
+    import torch
+    import torch.distributed as dist
+
+    units = epoch_units(list(eval_examples), {i: len(e) for i, e in eval_examples.items()}, 0, cfg.seed,
+                        cfg.max_length, packed)
+    chunks = [units[k:k + micro] for k in range(0, len(units), micro)]
+    passes = -(-len(chunks) // world)
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    model.eval()
+    with torch.no_grad():
+        for p in range(passes):
+            k = p * world + rank
+            chunk = chunks[k] if k < len(chunks) else []
+            batch = collate([[eval_examples[i] for i in unit] for unit in chunk], pad_id, packed)
+            totals[0] += token_loss_sum(model, batch, device, flatten).double()
+            totals[1] += batch["num_labels"]
+    model.train()
+    dist.all_reduce(totals)
+    return float(totals[0] / totals[1].clamp(min=1))
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Ray Train's per-worker function; ``loop_config`` carries the config and what the driver resolved."""
+    import ray.data
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.distributed as dist
+    from tqdm import tqdm
+
+    from alpaca_ray.train.checkpoint import export_final, restore, save_and_report
+    from alpaca_ray.train.model import load_model, load_tokenizer, shard_model
+
+    cfg = TrainConfig(**loop_config["train_config"])
+    packed, attn = loop_config["packing"], loop_config["attn_implementation"]
+    flatten = packed and attn.startswith("flash")
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    if cfg.use_gpu:
+        torch.cuda.set_device(device)  # FSDP2's mesh and NCCL use the current device
+    micro, accumulation = cfg.derived_micro_batch_size, cfg.grad_accumulation
+
+    # Data: the same plan on every rank (see data.py), so resuming replays the same order.
+    ray.data.DataContext.get_current().enable_progress_bars = False  # rank 0's tqdm is the one to watch
+    examples = read_examples(ray.train.get_dataset_shard("train"))
+    eval_examples = read_examples(ray.train.get_dataset_shard("eval")) if loop_config["has_eval"] else {}
+    lengths = {i: len(e) for i, e in examples.items()}
+    plan = make_plan(list(examples), lengths, cfg.epochs, cfg.seed, cfg.max_length, packed, cfg.global_batch_size)
+    epoch_ends = {sum(plan.steps_per_epoch[:e + 1]) for e in range(cfg.epochs)}
+    last_step = min(plan.total_steps, cfg.max_steps or plan.total_steps)
+
+    # Model: full fp32 weights on every rank, then sharded; bf16 compute, fp32 master weights and reduction.
+    torch.manual_seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg.base_model)
+    model = load_model(cfg.base_model, tokenizer, attn)
+    model = shard_model(model, "cuda" if cfg.use_gpu else "cpu", world, cfg.dtype, cfg.cpu_offload,
+                        cfg.activation_checkpointing)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    state = restore(model, optimizer)
+    start_step = state["step"] if state else 0
+
+    output = cfg.output
+    metrics_path = storage.join(output, "metrics.jsonl")
+    if rank == 0:
+        os.makedirs(output, exist_ok=True)
+        truncate_metrics(metrics_path, start_step)
+        if state:
+            print(f"resumed from checkpoint at step {start_step}/{plan.total_steps}", flush=True)
+    progress = tqdm(total=last_step, initial=start_step, desc="train", disable=rank != 0, mininterval=1.0)
+    pad_id = tokenizer.pad_token_id
+
+    for step in range(start_step, last_step):
+        epoch, units = plan.batch(step)
+        micro_batches = split_global_batch(units, lengths, world, micro, accumulation)
+        real, computed, label_tokens = batch_token_counts(micro_batches, examples, packed)
+        lr = cosine_lr(step, plan.total_steps, cfg.lr, cfg.warmup_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        started = time.perf_counter()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        for a, per_worker in enumerate(micro_batches):
+            batch = collate([[examples[i] for i in unit] for unit in per_worker[rank]], pad_id, packed)
+            model.set_requires_gradient_sync(a == accumulation - 1)  # reduce-scatter once per step
+            loss = token_loss_sum(model, batch, device, flatten)
+            # A mean over the global batch's label tokens; FSDP averages gradients over ranks, hence x world.
+            (loss * world / max(1, label_tokens)).backward()
+            loss_sum += loss.detach().double()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        dist.all_reduce(loss_sum)
+        elapsed = time.perf_counter() - started
+        record = {"step": step + 1, "epoch": epoch, "loss": float(loss_sum) / max(1, label_tokens), "lr": lr,
+                  "grad_norm": float(grad_norm), "tokens_per_s": real / elapsed,
+                  "real_token_share": real / computed, "real_tokens": real, "computed_tokens": computed,
+                  "time_s": elapsed}
+        progress.update(1)
+        progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
+        if rank == 0 and (step + 1) % cfg.log_every == 0:
+            append_metrics(metrics_path, record)
+
+        done = step + 1 == last_step
+        if eval_examples and (step + 1 in epoch_ends or done):
+            eval_loss = evaluate(model, eval_examples, cfg, micro, pad_id, packed, rank, world, device, flatten)
+            record["eval_loss"] = eval_loss
+            if rank == 0:
+                append_metrics(metrics_path, {"step": step + 1, "epoch": epoch, "eval_loss": eval_loss})
+                tqdm.write(f"epoch {epoch} step {step + 1}: eval loss {eval_loss:.4f}")
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 in epoch_ends or done:
+            save_and_report(model, optimizer, {"step": step + 1, "epoch": epoch}, record, rank)
+            if rank == 0:
+                plot_loss(metrics_path, storage.join(output, "loss.png"))
+    progress.close()
+
+    metadata = {"prompt_template": "alpaca", "base_model": cfg.base_model,
+                "train_config": loop_config["train_config"], "steps": last_step,
+                "total_steps": plan.total_steps, "packing": packed}
+    export_final(model, tokenizer, storage.join(output, "final"), getattr(torch, loop_config["base_dtype"]),
+                 metadata, rank)
+    if rank == 0 and os.path.exists(metrics_path):
+        plot_loss(metrics_path, storage.join(output, "loss.png"))
+    dist.barrier()

@@ -1,0 +1,234 @@
+"""The Ray part of the train stage: Ray Data tokenizes, ``TorchTrainer`` runs ``train_loop_per_worker``.
+
+Everything a user can get wrong (data, model path, batch sizes, a stale run) is checked here, on the
+driver, before any worker starts.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field, replace
+
+from alpaca_ray import storage
+from alpaca_ray.config import UserError, config_to_dict
+from alpaca_ray.records import load_records
+from alpaca_ray.train.config import TrainConfig
+
+RUN_NAME = "train"
+#: Fields that decide the data order and schedule: a resumed run must keep them.
+PLAN_FIELDS = ("base_model", "data", "epochs", "global_batch_size", "max_length", "packing", "seed",
+               "eval_fraction", "eval_max_examples", "lr", "warmup_ratio")
+
+
+@dataclass
+class DataReport:
+    """What tokenization found, shown before training starts."""
+
+    examples: int
+    truncated: int
+    dropped: int
+    train: int
+    eval: int
+    packing: bool
+    packing_note: str = ""
+    mean_length: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_tokenizer(name_or_path: str):
+    from alpaca_ray.train.model import load_tokenizer
+
+    return load_tokenizer(name_or_path)
+
+
+def tokenize_batch(batch: dict, base_model: str, max_length: int) -> dict:
+    """Ray Data ``map_batches`` function: Alpaca records -> token ids, prompt length, truncation flag."""
+    import numpy as np
+
+    from alpaca_ray.train.data import tokenize_record
+
+    tokenizer = _cached_tokenizer(base_model)
+    rows = [tokenize_record(tokenizer, i, x, o, max_length)
+            for i, x, o in zip(batch["instruction"], batch["input"], batch["output"])]
+    input_ids = np.empty(len(rows), dtype=object)
+    input_ids[:] = [np.asarray(r["input_ids"], dtype=np.int32) for r in rows]
+    return {"id": batch["id"], "input_ids": input_ids,
+            "prompt_len": np.array([r["prompt_len"] for r in rows], dtype=np.int32),
+            "length": np.array([len(r["input_ids"]) for r in rows], dtype=np.int32),
+            "num_labels": np.array([r["num_labels"] for r in rows], dtype=np.int32),
+            "truncated": np.array([r["truncated"] for r in rows], dtype=bool)}
+
+
+def resolve_paths(cfg: TrainConfig) -> TrainConfig:
+    """Absolute local paths, since workers do not share the driver's working directory."""
+    def absolute(path: str) -> str:
+        return path if storage.is_remote(path) or not os.path.exists(path) else os.path.abspath(path)
+
+    output = cfg.output if storage.is_remote(cfg.output) else os.path.abspath(cfg.output)
+    storage_path = cfg.storage_path or storage.join(output, "ray_results")
+    if not storage.is_remote(storage_path):
+        storage_path = os.path.abspath(storage_path)
+    return replace(cfg, base_model=absolute(cfg.base_model), data=absolute(cfg.data), output=output,
+                   storage_path=storage_path)
+
+
+def inspect_model(cfg: TrainConfig) -> tuple[str, bool]:
+    """(base dtype name, packing supported) from the model's config, without loading its weights."""
+    import torch
+    from transformers import AutoConfig
+
+    from alpaca_ray.train.model import load_tokenizer, supports_packing
+
+    try:
+        model_config = AutoConfig.from_pretrained(cfg.base_model)
+        load_tokenizer(cfg.base_model)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load base model {cfg.base_model!r}: {err}") from None
+    dtype = getattr(model_config, "dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    return str(dtype).removeprefix("torch."), supports_packing(model_config)
+
+
+def check_run_dir(cfg: TrainConfig) -> bool:
+    """True when there is a checkpoint to resume; refuse to silently overwrite one without ``--resume``."""
+    run_dir = storage.join(cfg.storage_path, RUN_NAME)
+    has_checkpoint = storage.exists(storage.join(run_dir, "checkpoint_manager_snapshot.json"))
+    saved_config_path = storage.join(cfg.output, "train_config.json")
+    if has_checkpoint and not cfg.resume:
+        raise UserError(f"{run_dir} holds checkpoints of an earlier run: pass --resume to continue it, "
+                        "or choose another --output")
+    if has_checkpoint and storage.exists(saved_config_path):
+        with storage.open_text(saved_config_path) as handle:
+            saved = json.load(handle)
+        changed = [f"{k}: {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in PLAN_FIELDS
+                   if k in saved and saved[k] != config_to_dict(cfg)[k]]
+        if changed:
+            raise UserError("cannot resume with a different data order or schedule; changed: " + "; ".join(changed))
+    if not has_checkpoint and storage.exists(run_dir) and not storage.is_remote(run_dir):
+        shutil.rmtree(run_dir)  # a run that died before its first checkpoint: nothing to keep
+    if cfg.resume and not has_checkpoint:
+        print(f"--resume: no checkpoint under {run_dir}; starting from step 0", file=sys.stderr)
+    return has_checkpoint
+
+
+def read_dataset(cfg: TrainConfig) -> list:
+    """Every record, validated (errors name the file, line and field); an empty set is an error."""
+    records = load_records(cfg.data)
+    if not records:
+        raise UserError(f"{cfg.data}: the dataset is empty: no records to train on")
+    return records
+
+
+def prepare_data(cfg: TrainConfig, records: list, supports_packing: bool):
+    """Tokenize records with Ray Data, count truncations, drop (and count) examples with no response
+    token left, and split train/eval."""
+    import ray
+
+    from alpaca_ray.train.data import split_train_eval
+
+    rows = [{"id": i, **r.to_dict(with_extra=False)} for i, r in enumerate(records)]
+    dataset = ray.data.from_items(rows).map_batches(
+        tokenize_batch, fn_kwargs={"base_model": cfg.base_model, "max_length": cfg.max_length},
+        batch_size=512).materialize()
+    stats = dataset.select_columns(["id", "length", "num_labels", "truncated"]).take_all()
+    stats.sort(key=lambda r: r["id"])
+    kept = [int(r["id"]) for r in stats if r["num_labels"] > 0]
+    if not kept:
+        raise UserError(f"{cfg.data}: no example has a response token within max_length={cfg.max_length}")
+    train_pos, eval_pos = split_train_eval(len(kept), cfg.eval_fraction, cfg.eval_max_examples, cfg.seed)
+    train_ids, eval_ids = {kept[p] for p in train_pos}, {kept[p] for p in eval_pos}
+    packing = cfg.packing and supports_packing
+    report = DataReport(
+        examples=len(records), truncated=sum(bool(r["truncated"]) for r in stats), dropped=len(records) - len(kept),
+        train=len(train_ids), eval=len(eval_ids), packing=packing,
+        packing_note="" if packing == cfg.packing else "the model cannot take packed sequences: "
+                                                       "length-grouped padded batches instead",
+        mean_length=sum(int(r["length"]) for r in stats) / len(stats))
+    # Materialized here, so workers only read blocks: a lazy filter would need CPUs the workers hold.
+    train_ds = dataset.filter(lambda row: row["id"] in train_ids).materialize()
+    eval_ds = dataset.filter(lambda row: row["id"] in eval_ids).materialize() if eval_ids else None
+    return train_ds, eval_ds, report
+
+
+def throughput_summary(metrics_path: str) -> dict:
+    """Whole-run real-token share (real / computed tokens) and real tokens/s from ``metrics.jsonl``."""
+    if storage.is_remote(metrics_path) or not os.path.exists(metrics_path):
+        return {}
+    with open(metrics_path, encoding="utf-8") as handle:
+        steps = [r for r in map(json.loads, filter(str.strip, handle)) if "loss" in r]
+    if not steps:
+        return {}
+    real, computed = sum(r["real_tokens"] for r in steps), sum(r["computed_tokens"] for r in steps)
+    return {"steps": len(steps), "real_token_share": real / computed,
+            "tokens_per_s": real / sum(r["time_s"] for r in steps)}
+
+
+def run_train(cfg: TrainConfig) -> dict:
+    """Fine-tune ``cfg.base_model`` on ``cfg.data``; returns a summary (paths, counts, last metrics)."""
+    import ray
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from alpaca_ray.train.loop import train_loop_per_worker
+    from alpaca_ray.train.model import choose_attention
+
+    cfg = resolve_paths(cfg)
+    base_dtype, can_pack = inspect_model(cfg)
+    records = read_dataset(cfg)
+    has_checkpoint = check_run_dir(cfg)
+    if not ray.is_initialized():
+        # RAY_ADDRESS (set in a Ray job, or "auto" to join a running cluster) wins; otherwise start a local
+        # cluster rather than guess one from /tmp/ray, which on a shared machine may be someone else's.
+        # A local cluster gets enough logical CPUs for the workers plus Ray Data, even on a small machine.
+        local = {"address": "local", "num_cpus": max(os.cpu_count() or 1, cfg.num_workers * cfg.cpus_per_worker + 2)}
+        ray.init(**({} if os.environ.get("RAY_ADDRESS") else local))
+    train_ds, eval_ds, report = prepare_data(cfg, records, can_pack)
+    print(f"data: {report.examples} examples, {report.train} train / {report.eval} eval, "
+          f"{report.truncated} truncated to max_length={cfg.max_length}, {report.dropped} dropped "
+          f"(prompt alone fills max_length), mean length {report.mean_length:.0f} tokens; "
+          f"{'packing' if report.packing else 'length-grouped batches'}", file=sys.stderr)
+    if report.packing_note:
+        print(f"warning: {report.packing_note}", file=sys.stderr)
+    if report.truncated:
+        print(f"warning: {report.truncated} example(s) longer than max_length={cfg.max_length} were truncated",
+              file=sys.stderr)
+
+    storage.makedirs(cfg.output)
+    with storage.open_text(storage.join(cfg.output, "train_config.json"), "w") as handle:
+        json.dump(config_to_dict(cfg), handle, indent=2)
+    loop_config = {"train_config": config_to_dict(cfg), "packing": report.packing, "base_dtype": base_dtype,
+                   "attn_implementation": choose_attention(cfg.attn_implementation, cfg.use_gpu),
+                   "has_eval": eval_ds is not None}
+    datasets = {"train": train_ds, **({"eval": eval_ds} if eval_ds is not None else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=RunConfig(storage_path=cfg.storage_path, name=RUN_NAME,
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
+        datasets=datasets,
+        # Every worker reads the whole (small, tokenized) set and takes its part of a global plan:
+        # the data order then does not depend on how Ray Data streamed the rows, which resume relies on.
+        dataset_config=DataConfig(datasets_to_split=[]),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    summary = {**throughput_summary(storage.join(cfg.output, "metrics.jsonl")), "output": cfg.output, "final": storage.join(cfg.output, "final"),
+               "metrics": storage.join(cfg.output, "metrics.jsonl"), "resumed": has_checkpoint,
+               "data": vars(report), "last_metrics": result.metrics}
+    with storage.open_text(storage.join(cfg.output, "summary.json"), "w") as handle:
+        json.dump(summary, handle, indent=2, default=str)
+    if "real_token_share" in summary:
+        print(f"trained {summary['steps']} steps: {summary['tokens_per_s']:.0f} real tokens/s, "
+              f"real-token share {summary['real_token_share']:.1%} "
+              f"({'packing' if report.packing else 'length-grouped padding'})", file=sys.stderr)
+    return summary
