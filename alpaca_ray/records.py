@@ -93,8 +93,10 @@ def _iter_json_array(text: str, path: str) -> Iterable[tuple[int, object]]:
     pos = _skip_ws(text, pos + 1)
     if pos < len(text) and text[pos] == "]":
         return
+    # Count newlines incrementally: counting from the start for every record is quadratic.
+    line, counted_to = 1, 0
     while True:
-        line = text.count("\n", 0, pos) + 1
+        line, counted_to = line + text.count("\n", counted_to, pos), pos
         try:
             item, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as err:
@@ -106,7 +108,7 @@ def _iter_json_array(text: str, path: str) -> Iterable[tuple[int, object]]:
             continue
         if pos < len(text) and text[pos] == "]":
             return
-        line = text.count("\n", 0, pos) + 1
+        line += text.count("\n", counted_to, pos)
         raise RecordError(path, "invalid JSON: expected ',' or ']' between records", line)
 
 
