@@ -104,22 +104,16 @@ class StageSpec:
     name: str
     #: The section's fields after wiring: what goes into the job's flags.
     values: dict
-    #: The stage's config class, or None while it does not exist (keys then pass through unchecked).
-    config_class: type | None
+    #: The stage's config class, which validates the section and turns it into the job's flags.
+    config_class: type
     #: A hash of ``values``: a finished stage whose section changed since is run again.
     fingerprint: str
 
 
-def load_config_class(stage: str) -> type | None:
-    """The stage's config class, or None when its module or class does not exist (yet)."""
+def load_config_class(stage: str) -> type:
+    """The stage's config class (imported lazily, so the pipeline loads only the stages it runs)."""
     module_name, class_name = CONFIG_CLASSES[stage]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name and module_name.startswith(err.name):  # the stage itself is missing, not one of its imports
-            return None
-        raise
-    return getattr(module, class_name, None)
+    return getattr(importlib.import_module(module_name), class_name)
 
 
 def resolve_paths(config: PipelineConfig, base_dir: str | None = None) -> PipelineConfig:
@@ -217,20 +211,19 @@ def stage_specs(config: PipelineConfig) -> list[StageSpec]:
     for stage in config.stage_names:
         values = wired[stage]
         cls = load_config_class(stage)
-        if cls is not None:
-            # The teacher's URL is only known once it is started; validate with a stand-in.
-            check = dict(values)
-            if stage == "generate" and config.teacher is not None:
-                check["teacher_base_url"] = "http://127.0.0.1:1/v1"
-            if stage == "evaluate" and check.get("model_a_base_url") and not check.get("model_a"):
-                check["model_a"] = "served-model"
-            try:
-                config_from_dict(cls, check, source=f"{stage} section")
-            except ConfigError as err:
-                problems.append(str(err))
-            hidden = [f.name for f in dataclasses.fields(cls) if f.name in values and not f.metadata.get("cli", True)]
-            if hidden:
-                problems.append(f"{stage}: field(s) {', '.join(hidden)} cannot be passed to a job as flags")
+        # The teacher's URL is only known once it is started; validate with a stand-in.
+        check = dict(values)
+        if stage == "generate" and config.teacher is not None:
+            check["teacher_base_url"] = "http://127.0.0.1:1/v1"
+        if stage == "evaluate" and check.get("model_a_base_url") and not check.get("model_a"):
+            check["model_a"] = "served-model"
+        try:
+            config_from_dict(cls, check, source=f"{stage} section")
+        except ConfigError as err:
+            problems.append(str(err))
+        hidden = [f.name for f in dataclasses.fields(cls) if f.name in values and not f.metadata.get("cli", True)]
+        if hidden:
+            problems.append(f"{stage}: field(s) {', '.join(hidden)} cannot be passed to a job as flags")
         specs.append(StageSpec(stage, values, cls, fingerprint(
             {**values, "teacher": config.teacher} if stage == "generate" else values)))
     if problems:

@@ -56,30 +56,10 @@ def find_repo_root() -> Path:
                     "pipeline from a checkout, installed with `pip install -e .`")
 
 
-def flags_from_values(values: dict) -> list[str]:
-    """Flags from a section's keys when the stage's config class does not exist: ``--key-name VALUE``."""
-    argv: list[str] = []
-    for name, value in values.items():
-        flag = "--" + name.replace("_", "-")
-        if value is None:
-            continue
-        if isinstance(value, bool):
-            argv.append(flag if value else "--no-" + flag[2:])
-        elif isinstance(value, (list, tuple)):
-            argv += [flag, *map(str, value)]
-        elif isinstance(value, dict):
-            argv += [flag, json.dumps(value)]
-        else:
-            argv += [flag, str(value)]
-    return argv
-
-
 def stage_argv(spec: StageSpec, extra: dict | None = None) -> list[str]:
     """The stage's CLI flags: its wired section plus run-time values (the teacher's URL...)."""
     values = {**spec.values, **(extra or {})}
-    if spec.config_class is not None:
-        return config_to_argv(values, spec.config_class)
-    return flags_from_values(values)
+    return config_to_argv(values, spec.config_class)
 
 
 def stage_entrypoint(stage: str, argv: list[str]) -> str:
@@ -175,7 +155,7 @@ def resumes_attempt(spec: StageSpec, state: dict) -> bool:
     section changed since that attempt starts over (and the stage says so if that needs a clean output).
     """
     record = state.get("stages", {}).get(spec.name) or {}
-    has_field = spec.config_class is None or "resume" in getattr(spec.config_class, "__dataclass_fields__", {})
+    has_field = "resume" in getattr(spec.config_class, "__dataclass_fields__", {})
     return (has_field and spec.name in ("generate", "train") and "resume" not in spec.values
             and record.get("status") not in (None, "succeeded") and record.get("fingerprint") == spec.fingerprint)
 
