@@ -100,7 +100,8 @@ def execute_requests(requests: list[collect.Request], endpoints: dict[str, Endpo
     from alpaca_ray.llm_client import shared_rate_limiter
 
     if not ray.is_initialized():
-        ray.init()
+        # RAY_ADDRESS (a Ray job's, or "auto") wins; otherwise a new local cluster, never one guessed from /tmp/ray
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local")
     used = sorted({r.endpoint for r in requests})
     run_id = uuid.uuid4().hex[:8]
     # One limiter per endpoint, shared by every worker: the budget is the endpoint's, not the worker's.

@@ -62,7 +62,9 @@ def _init_ray() -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(log_to_driver=False, configure_logging=False)
+        # RAY_ADDRESS (set in a Ray job, or "auto" to join a running cluster) wins; otherwise a new local
+        # cluster, never one guessed from /tmp/ray (on a shared machine it may be someone else's, or dead).
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=False, configure_logging=False)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the run has its own bar, counted in kept instructions
     context.print_on_execution_start = False
