@@ -438,6 +438,8 @@ class LLMClient:
             if "connection failed" in str(err):
                 raise EndpointUnreachableError(f"cannot reach {endpoint.base_url}") from None
             # A 429/5xx on the probe says the server is there; the run's own retries deal with it.
+        finally:
+            await probe.aclose()  # its own HTTP pool, not closed by the caller's aclose()
 
     # -- sync helpers (CLIs, notebooks) --------------------------------------------------------------------
     def complete_sync(self, prompt: str | list[dict], **sampling: Any) -> Completion:

@@ -139,7 +139,8 @@ def iter_rows(path: str | os.PathLike, fmt: str | None = None) -> Iterable[tuple
     if fmt == "json":
         yield from _iter_json_array(text, path)
         return
-    for number, line in enumerate(text.splitlines(), start=1):
+    # split("\n"), not splitlines(): U+2028, U+0085 and friends may stand unescaped inside a JSON string.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:

@@ -534,9 +534,9 @@ def brute_force_filter(candidates: Sequence[str], pool: Sequence[str] = (), thre
     return _brute_force_kernel(corpus.offsets, corpus.tokens, pool_ids, query_ids, check_threshold(threshold)).tolist()
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int, enabled: bool, desc: str = "dedup"):
     if not enabled:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc="dedup", unit="instr", smoothing=0.1)
+    return tqdm(total=total, desc=desc, unit="instr", smoothing=0.1)

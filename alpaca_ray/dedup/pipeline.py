@@ -21,6 +21,7 @@ from alpaca_ray.dedup.exact import (
     NearDuplicateFilter,
     PrefixIndex,
     TokenCorpus,
+    _progress,
     check_threshold,
     similarity_reports,
 )
@@ -72,7 +73,7 @@ def dedup_on_ray(candidates: Sequence[str], against: Sequence[str] = (), thresho
     pending = [against_ids[w::num_workers] for w in range(num_workers)]
     next_shard = len(against_ids) % num_workers
     kept = np.ones(len(candidate_ids), dtype=bool)
-    bar = _bar(len(candidate_ids), progress)
+    bar = _progress(len(candidate_ids), progress)
     try:
         for lo in range(0, len(candidate_ids), block_size):
             block = candidate_ids[lo:lo + block_size]
@@ -110,7 +111,7 @@ def kept_similarity_reports(corpus: TokenCorpus, pool_ids: np.ndarray, num_again
     query_ids = np.asarray(pool_ids[num_against:], dtype=np.int64)
     pool_lengths = num_against + np.arange(len(query_ids))
     chunks = [slice(lo, lo + REPORT_CHUNK) for lo in range(0, len(query_ids), REPORT_CHUNK)]
-    bar = _bar(len(query_ids), progress, "similarity")
+    bar = _progress(len(query_ids), progress, "similarity")
     reports: list[tuple[dict[str, float], float]] = []
     if num_workers == 0:
         for chunk in chunks:
@@ -176,11 +177,3 @@ def run_dedup(config: DedupConfig) -> DedupResult:
         write_records([r for r, keep in zip(records, kept) if not keep], config.dropped_output)
     return DedupResult(len(records), len(kept_records), len(records) - len(kept_records),
                        time.perf_counter() - started)
-
-
-def _bar(total: int, enabled: bool, desc: str = "dedup"):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="instr", smoothing=0.1)

@@ -161,6 +161,8 @@ class RatingPage:
     @app.post("/api/rate")
     def rate(self, rating: RatingIn) -> dict:
         rater = rating.rater.strip()
+        if not rater:  # as /api/next: a blank id would pool everyone's ratings under ""
+            raise HTTPException(422, "rater id is empty")
         if rating.item_id not in self.pairs:
             raise HTTPException(404, f"no pair {rating.item_id!r}")
         order = shown_order(self.seed, rater, rating.item_id)

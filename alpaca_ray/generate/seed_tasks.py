@@ -19,7 +19,8 @@ def read_seed_tasks(path: str | os.PathLike) -> list[SeedExample]:
     path = str(path)
     try:
         with open(path, encoding="utf-8") as handle:
-            lines = handle.read().splitlines()
+            # split("\n"), not splitlines(): that also cuts at U+2028, U+0085... inside a JSON string.
+            lines = handle.read().split("\n")
     except FileNotFoundError:
         raise RecordError(path, "no such seed task file (self-instruct JSONL expected)") from None
     except IsADirectoryError:

@@ -11,9 +11,16 @@ import threading
 from contextlib import nullcontext
 
 from alpaca_ray.config import add_config_args, run_cli
-from alpaca_ray.pipeline.config import STAGES, PipelineConfig, load_pipeline_config, stage_specs
+from alpaca_ray.pipeline.config import (
+    STAGES,
+    PipelineConfig,
+    load_pipeline_config,
+    served_base_url,
+    stage_specs,
+)
 from alpaca_ray.pipeline.runner import (
     PipelineRunner,
+    cluster_host,
     dashboard_address,
     local_cluster,
     plan_stages,
@@ -21,6 +28,7 @@ from alpaca_ray.pipeline.runner import (
     served_model_id,
     stage_argv,
     stage_entrypoint,
+    submit_time_values,
 )
 
 EPILOG = """\
@@ -53,12 +61,22 @@ def main(argv: list[str] | None = None) -> int:
         config = load_pipeline_config(args.config, overrides)
         specs = stage_specs(config)
         if args.dry_run:
-            skipped, to_run, why = plan_stages(specs, read_state(config.state_path), args.from_stage)
+            state = read_state(config.state_path)
+            skipped, to_run, why = plan_stages(specs, state, args.from_stage)
+            serve_values = next((s.values for s in specs if s.name == "serve"), {})
+            # As PipelineRunner.serve_url: the URL recorded at deployment, else the configured one.
+            serve_url = (state["stages"].get("serve") or {}).get("url") or served_base_url(
+                serve_values, cluster_host(config.address or os.environ.get("RAY_ADDRESS", "") or "127.0.0.1"))
             print(f"pipeline {args.config}: output {config.output}")
             for name in skipped:
-                print(f"  {name}: finished, would be skipped")
-            for spec in to_run:
-                print(f"  {spec.name}: {stage_entrypoint(spec.name, stage_argv(spec))}")
+                if name == "serve":  # a real run redeploys it (and reruns what follows) once its app is gone
+                    print(f"  serve: finished; skipped while its app answers at {serve_url}/v1, else deployed "
+                          "again (and the stages after it run again)")
+                else:
+                    print(f"  {name}: finished, would be skipped")
+            for spec in to_run:  # with the flags a real run adds at submission (--resume, evaluate's model A)
+                argv = stage_argv(spec, submit_time_values(spec, specs, state, serve_url))
+                print(f"  {spec.name}: {stage_entrypoint(spec.name, argv)}")
             return 0
         address = config.address or os.environ.get("RAY_ADDRESS", "")
         cluster = nullcontext((address, {})) if address else local_cluster(config.local_num_cpus)

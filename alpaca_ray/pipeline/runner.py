@@ -27,7 +27,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from alpaca_ray import storage
-from alpaca_ray.config import UserError, config_to_argv
+from alpaca_ray.config import UserError, config_from_dict, config_to_argv
 from alpaca_ray.pipeline.config import PipelineConfig, StageSpec, served_base_url
 
 STATE_VERSION = 1
@@ -190,8 +190,6 @@ def error_summary(logs: str, message: str = "") -> str:
 def served_model_id(serve_values: dict, serve_class: type | None) -> str:
     """The model name the serve stage answers to (what evaluate asks for as model A)."""
     if serve_class is not None and hasattr(serve_class, "model_id"):
-        from alpaca_ray.config import config_from_dict
-
         return config_from_dict(serve_class, serve_values).model_id
     if serve_values.get("served_model_name"):
         return serve_values["served_model_name"]
@@ -407,11 +405,7 @@ class PipelineRunner:
                 teacher.stop()
         return [s.name for s in to_run]
 
-    def _class(self, stage: str) -> type | None:
-        return next((s.config_class for s in self.specs if s.name == stage), None)
-
     def _start_teacher(self):
-        from alpaca_ray.config import config_from_dict
         from alpaca_ray.teacher import TeacherConfig, start_teacher
 
         teacher_config = config_from_dict(TeacherConfig, self.config.teacher, source="teacher")

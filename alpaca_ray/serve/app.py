@@ -170,6 +170,9 @@ class AlpacaServer:
         async for delta in self.engine.generate(prompt, params):
             text.append(delta.text)
             finish, tokens = delta.finish_reason or finish, delta.completion_tokens
+        if finish == "error":  # not an answer: a 200 would let clients (the evaluate stage) keep it as one
+            raise APIError(500, "the model failed to generate a response (see the replica's log)",
+                           type="server_error")
         answer = "".join(text)
         verdict = await self._check(answer)
         if verdict.flagged:

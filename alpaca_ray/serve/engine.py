@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import queue
 import threading
 import time
@@ -20,6 +21,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -170,9 +173,10 @@ class TransformersEngine:
                 with torch.inference_mode():
                     self._decode(batch)
             except Exception as err:  # noqa: BLE001 - never leave a caller waiting forever
+                # the details go to the replica's log, not to clients
+                logger.exception("generation failed for a batch of %d sequence(s)", len(batch))
                 for sequence in batch:
-                    sequence.emit(Delta(f"[engine error: {type(err).__name__}: {err}]", len(sequence.tokens),
-                                        "error"))
+                    sequence.emit(Delta(f"[engine error: {type(err).__name__}]", len(sequence.tokens), "error"))
             self._running = 0
             self._update_gauges()
 

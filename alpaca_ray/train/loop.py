@@ -10,6 +10,7 @@ import os
 import time
 
 from alpaca_ray import storage
+from alpaca_ray.prompts import TEMPLATE_NAME
 from alpaca_ray.train.config import TrainConfig
 from alpaca_ray.train.data import (
     IGNORE_INDEX,
@@ -218,7 +219,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 plot_loss(metrics_path, storage.join(output, "loss.png"))
     progress.close()
 
-    metadata = {"prompt_template": "alpaca", "base_model": cfg.base_model,
+    metadata = {"prompt_template": TEMPLATE_NAME, "base_model": cfg.base_model,
                 "train_config": loop_config["train_config"], "steps": last_step,
                 "total_steps": plan.total_steps, "packing": packed}
     export_final(model, tokenizer, storage.join(output, "final"), getattr(torch, loop_config["base_dtype"]),

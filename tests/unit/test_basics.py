@@ -39,6 +39,13 @@ def test_records_round_trip(tmp_path, suffix):
     assert read_records(path) == records
 
 
+def test_jsonl_keeps_unicode_line_separators_inside_strings(tmp_path):
+    records = [AlpacaRecord("Join the lines.", "a\u2028b\u0085c", "abc")]
+    path = tmp_path / "data.jsonl"
+    write_records(records, path)
+    assert read_records(path) == records
+
+
 def test_record_errors_name_file_line_and_field(tmp_path):
     path = tmp_path / "bad.json"
     path.write_text('[\n  {"instruction": "a", "input": "", "output": "b"},\n  {"instruction": "c", "input": 3,'
