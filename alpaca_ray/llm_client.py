@@ -45,6 +45,10 @@ class EndpointUnreachableError(LLMError):
     """Nothing answered at the base URL (connection refused, DNS failure, time-out on the first call)."""
 
 
+class QuotaExceededError(LLMError):
+    """The account has no quota or credit left (429 ``insufficient_quota``): waiting will not help."""
+
+
 class RetriesExhaustedError(LLMError):
     """A retryable failure (429, 5xx, time-out) kept happening until ``max_retries`` ran out."""
 
@@ -350,6 +354,11 @@ class LLMClient:
                 except (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError,
                         openai.ConflictError) as err:
                     status = getattr(err, "status_code", None)
+                    if isinstance(err, openai.RateLimitError) and _error_code(err) == "insufficient_quota":
+                        raise QuotaExceededError(
+                            f"{endpoint.base_url}: the account of the key in ${endpoint.api_key_env} has no quota "
+                            "left (HTTP 429 insufficient_quota); add credit or use another key, then rerun "
+                            "into the same output to continue") from None
                     if retries >= endpoint.max_retries:
                         what = f"HTTP {status}" if status else type(err).__name__
                         if isinstance(err, openai.APIConnectionError) and not isinstance(err, openai.APITimeoutError):
@@ -460,6 +469,16 @@ class LLMClient:
         self._semaphores.pop(id(asyncio.get_running_loop()), None)
         if client is not None:
             await client.close()
+
+
+def _error_code(err: Exception) -> str | None:
+    """The ``code`` of an OpenAI error body (``insufficient_quota``, ``model_not_found``...), if any."""
+    body = getattr(err, "body", None)
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and isinstance(inner.get("code"), str):
+            return inner["code"]
+    return None
 
 
 def _error_message(err: Exception) -> str:

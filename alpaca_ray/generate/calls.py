@@ -21,12 +21,13 @@ from alpaca_ray.llm_client import (
     LLMError,
     MalformedResponseError,
     ModelNotFoundError,
+    QuotaExceededError,
     RawJournal,
     Secret,
 )
 
 #: Failures that will not go away by asking again: the run stops at once.
-FATAL_FAILURES = ("auth", "model_not_found")
+FATAL_FAILURES = ("auth", "model_not_found", "quota")
 
 
 def new_run_id() -> str:
@@ -80,6 +81,8 @@ async def ask_teacher(client: LLMClient, journal: RawJournal, request: dict, sam
         return {"request_id": request["request_id"], "failure": "auth", "message": str(err)}
     except ModelNotFoundError as err:
         return {"request_id": request["request_id"], "failure": "model_not_found", "message": str(err)}
+    except QuotaExceededError as err:
+        return {"request_id": request["request_id"], "failure": "quota", "message": str(err)}
     except LLMError as err:
         return {"request_id": request["request_id"], "failure": type(err).__name__, "message": str(err)}
     record.update(time=time.time(), text=completion.text, finish_reason=completion.finish_reason,

@@ -19,13 +19,14 @@ from alpaca_ray.llm_client import (
     LLMError,
     MalformedResponseError,
     ModelNotFoundError,
+    QuotaExceededError,
     RateLimiter,
     RawJournal,
     RetriesExhaustedError,
     backoff_seconds,
     retry_after_seconds,
 )
-from alpaca_ray.openai_server import OpenAIServer, Reply
+from alpaca_ray.openai_server import OpenAIServer, Reply, error_body
 from tests.support.ray_head import free_port
 
 KEY = "sk-test-llmclient-0123456789abcdef"
@@ -98,6 +99,14 @@ def test_retries_exhausted(key_env):
         with pytest.raises(RetriesExhaustedError, match="after 3 attempts"):
             LLMClient(endpoint(server, max_retries=2)).complete_sync("hi")
         assert len(server.requests) == 3
+
+
+def test_429_out_of_quota_stops_at_once_without_retrying(key_env):
+    body = json.dumps(error_body("You exceeded your current quota.", "insufficient_quota", "insufficient_quota"))
+    with OpenAIServer(Script(Reply(status=429, raw_body=body.encode())), models=["teacher"]) as server:
+        with pytest.raises(QuotaExceededError, match="no quota left") as err:
+            LLMClient(endpoint(server, max_retries=5)).complete_sync("hi")
+        assert len(server.requests) == 1 and KEY not in str(err.value)
 
 
 def test_wrong_key_is_auth_error_without_the_key(monkeypatch):
