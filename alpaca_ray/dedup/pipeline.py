@@ -25,6 +25,7 @@ from alpaca_ray.dedup.exact import (
     check_threshold,
     similarity_reports,
 )
+from alpaca_ray.ray_cluster import ensure_ray
 
 #: Kept records whose similarity reports are computed per task / progress-bar step.
 REPORT_CHUNK = 256
@@ -45,16 +46,7 @@ class PoolShard:
 
 
 def _ensure_ray(address: str | None = None):
-    """Ray, initialised: an existing session as is; else ``address``, ``RAY_ADDRESS`` (set inside a Ray job)
-    or a new local cluster. Never an unrelated cluster found on the machine, as a bare ``ray.init()`` would."""
-    import os
-
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", log_to_driver=False,
-                 configure_logging=False, include_dashboard=False)
-    return ray
+    return ensure_ray(address, log_to_driver=False, configure_logging=False, include_dashboard=False)
 
 
 def dedup_on_ray(candidates: Sequence[str], against: Sequence[str] = (), threshold: float = 0.7,

@@ -20,6 +20,7 @@ from alpaca_ray.evaluate.config import BUNDLED_EVAL_SET, EvaluateConfig
 from alpaca_ray.evaluate.eval_sets import EvalItem, default_eval_set, load_answers, load_eval_set
 from alpaca_ray.evaluate.ratings import read_ratings
 from alpaca_ray.llm_client import EndpointConfig, LLMClient, LLMError, Secret
+from alpaca_ray.ray_cluster import ensure_ray
 
 SIDES = {"a": "model A", "b": "model B", "judge": "the judge"}
 
@@ -99,9 +100,7 @@ def execute_requests(requests: list[collect.Request], endpoints: dict[str, Endpo
 
     from alpaca_ray.llm_client import shared_rate_limiter
 
-    if not ray.is_initialized():
-        # RAY_ADDRESS (a Ray job's, or "auto") wins; otherwise a new local cluster, never one guessed from /tmp/ray
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local")
+    ensure_ray()
     used = sorted({r.endpoint for r in requests})
     run_id = uuid.uuid4().hex[:8]
     # One limiter per endpoint, shared by every worker: the budget is the endpoint's, not the worker's.

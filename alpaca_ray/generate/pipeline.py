@@ -27,6 +27,7 @@ from alpaca_ray.generate.parse import rules_from_config
 from alpaca_ray.generate.prompt import SeedExample, read_header
 from alpaca_ray.generate.seed_tasks import read_seed_tasks
 from alpaca_ray.llm_client import EndpointConfig, LLMClient, Secret, shared_rate_limiter
+from alpaca_ray.ray_cluster import ensure_ray
 from alpaca_ray.records import write_records
 
 
@@ -61,10 +62,7 @@ def endpoint_dict(config: GenerateConfig) -> dict:
 def _init_ray() -> None:
     import ray
 
-    if not ray.is_initialized():
-        # RAY_ADDRESS (set in a Ray job, or "auto" to join a running cluster) wins; otherwise a new local
-        # cluster, never one guessed from /tmp/ray (on a shared machine it may be someone else's, or dead).
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=False, configure_logging=False)
+    ensure_ray(log_to_driver=False, configure_logging=False)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the run has its own bar, counted in kept instructions
     context.print_on_execution_start = False

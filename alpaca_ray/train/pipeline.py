@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 
 from alpaca_ray import storage
 from alpaca_ray.config import UserError, config_to_dict
+from alpaca_ray.ray_cluster import ensure_ray
 from alpaca_ray.records import load_records
 from alpaca_ray.train.config import TrainConfig
 
@@ -171,7 +172,6 @@ def throughput_summary(metrics_path: str) -> dict:
 
 def run_train(cfg: TrainConfig) -> dict:
     """Fine-tune ``cfg.base_model`` on ``cfg.data``; returns a summary (paths, counts, last metrics)."""
-    import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -182,12 +182,8 @@ def run_train(cfg: TrainConfig) -> dict:
     base_dtype, can_pack = inspect_model(cfg)
     records = read_dataset(cfg)
     has_checkpoint = check_run_dir(cfg)
-    if not ray.is_initialized():
-        # RAY_ADDRESS (set in a Ray job, or "auto" to join a running cluster) wins; otherwise start a local
-        # cluster rather than guess one from /tmp/ray, which on a shared machine may be someone else's.
-        # A local cluster gets enough logical CPUs for the workers plus Ray Data, even on a small machine.
-        local = {"address": "local", "num_cpus": max(os.cpu_count() or 1, cfg.num_workers * cfg.cpus_per_worker + 2)}
-        ray.init(**({} if os.environ.get("RAY_ADDRESS") else local))
+    # A new local cluster gets enough logical CPUs for the workers plus Ray Data, even on a small machine.
+    ensure_ray(local_num_cpus=max(os.cpu_count() or 1, cfg.num_workers * cfg.cpus_per_worker + 2))
     train_ds, eval_ds, report = prepare_data(cfg, records, can_pack)
     print(f"data: {report.examples} examples, {report.train} train / {report.eval} eval, "
           f"{report.truncated} truncated to max_length={cfg.max_length}, {report.dropped} dropped "
