@@ -11,7 +11,7 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from alpaca_ray import storage
+from alpaca_ray.cluster import storage
 
 FIELDS = ("instruction", "input", "output")
 FORMATS = ("json", "jsonl", "parquet")

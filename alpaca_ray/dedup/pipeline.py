@@ -25,7 +25,7 @@ from alpaca_ray.dedup.exact import (
     check_threshold,
     similarity_reports,
 )
-from alpaca_ray.ray_cluster import ensure_ray
+from alpaca_ray.cluster.ray_cluster import ensure_ray
 
 #: Kept records whose similarity reports are computed per task / progress-bar step.
 REPORT_CHUNK = 256

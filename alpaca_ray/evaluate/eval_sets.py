@@ -20,7 +20,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from alpaca_ray import storage
+from alpaca_ray.cluster import storage
 from alpaca_ray.config import UserError
 from alpaca_ray.records import RecordError, detect_format, iter_rows
 

@@ -20,7 +20,7 @@ from alpaca_ray.evaluate.config import BUNDLED_EVAL_SET, EvaluateConfig
 from alpaca_ray.evaluate.eval_sets import EvalItem, default_eval_set, load_answers, load_eval_set
 from alpaca_ray.evaluate.ratings import read_ratings
 from alpaca_ray.llm_client import EndpointConfig, LLMClient, LLMError, Secret
-from alpaca_ray.ray_cluster import ensure_ray
+from alpaca_ray.cluster.ray_cluster import ensure_ray
 
 SIDES = {"a": "model A", "b": "model B", "judge": "the judge"}
 

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import Literal
 
-from alpaca_ray import storage
+from alpaca_ray.cluster import storage
 from alpaca_ray.config import option, validate
 
 BUNDLED_SEED_TASKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data",

@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Iterator
 
-from alpaca_ray import storage
+from alpaca_ray.cluster import storage
 from alpaca_ray.config import UserError, config_to_dict
 from alpaca_ray.generate.builder import DatasetBuilder, journal_files, read_journal
 from alpaca_ray.generate.calls import FATAL_FAILURES, TeacherWorker, make_requests, new_run_id, sampling_args
@@ -27,7 +27,7 @@ from alpaca_ray.generate.parse import rules_from_config
 from alpaca_ray.generate.prompt import SeedExample, read_header
 from alpaca_ray.generate.seed_tasks import read_seed_tasks
 from alpaca_ray.llm_client import EndpointConfig, LLMClient, Secret, shared_rate_limiter
-from alpaca_ray.ray_cluster import ensure_ray
+from alpaca_ray.cluster.ray_cluster import ensure_ray
 from alpaca_ray.records import write_records
 
 

@@ -24,7 +24,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from alpaca_ray import storage
+from alpaca_ray.cluster import storage
 from alpaca_ray.config import ConfigError, config_from_dict, option, read_config_file, validate
 
 #: The stages in the order they run.

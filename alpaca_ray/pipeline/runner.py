@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from alpaca_ray import storage
+from alpaca_ray.cluster import storage
 from alpaca_ray.config import UserError, config_from_dict, config_to_argv
 from alpaca_ray.pipeline.config import PipelineConfig, StageSpec, served_base_url
 

@@ -73,7 +73,7 @@ def export_final(model, tokenizer, out_dir: str, base_dtype, metadata: dict, ran
     from huggingface_hub import save_torch_state_dict
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from alpaca_ray import storage
+    from alpaca_ray.cluster import storage
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank != 0:

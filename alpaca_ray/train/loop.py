@@ -9,7 +9,7 @@ import json
 import os
 import time
 
-from alpaca_ray import storage
+from alpaca_ray.cluster import storage
 from alpaca_ray.prompts import TEMPLATE_NAME
 from alpaca_ray.train.config import TrainConfig
 from alpaca_ray.train.data import (

@@ -13,9 +13,9 @@ import shutil
 import sys
 from dataclasses import dataclass, field, replace
 
-from alpaca_ray import storage
+from alpaca_ray.cluster import storage
 from alpaca_ray.config import UserError, config_to_dict
-from alpaca_ray.ray_cluster import ensure_ray
+from alpaca_ray.cluster.ray_cluster import ensure_ray
 from alpaca_ray.records import load_records
 from alpaca_ray.train.config import TrainConfig
 
