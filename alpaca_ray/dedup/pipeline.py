@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from alpaca_ray.cluster.ray_cluster import ensure_ray
 from alpaca_ray.dedup.config import DedupConfig
 from alpaca_ray.dedup.exact import (
     NearDuplicateFilter,
@@ -25,7 +26,6 @@ from alpaca_ray.dedup.exact import (
     check_threshold,
     similarity_reports,
 )
-from alpaca_ray.cluster.ray_cluster import ensure_ray
 
 #: Kept records whose similarity reports are computed per task / progress-bar step.
 REPORT_CHUNK = 256

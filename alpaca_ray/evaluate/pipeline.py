@@ -14,13 +14,14 @@ import os
 import sys
 import uuid
 
+from alpaca_ray.cluster.preflight import finish, preflight_stage
+from alpaca_ray.cluster.ray_cluster import ensure_ray
 from alpaca_ray.config import UserError, config_to_dict
 from alpaca_ray.evaluate import collect, judge, report
 from alpaca_ray.evaluate.config import BUNDLED_EVAL_SET, EvaluateConfig
 from alpaca_ray.evaluate.eval_sets import EvalItem, default_eval_set, load_answers, load_eval_set
 from alpaca_ray.evaluate.ratings import read_ratings
 from alpaca_ray.llm_client import EndpointConfig, LLMClient, LLMError, Secret
-from alpaca_ray.cluster.ray_cluster import ensure_ray
 
 SIDES = {"a": "model A", "b": "model B", "judge": "the judge"}
 
@@ -77,7 +78,10 @@ def check_endpoints(endpoints: dict[str, EndpointConfig], api_keys: dict[str, Se
 class _RequestWorker:
     """A Ray Data actor: one :class:`collect.RequestRunner` and one event loop for its whole life."""
 
-    def __init__(self, endpoints: dict, sampling: dict, output: str, api_keys: dict, limiters: dict):
+    def __init__(self, endpoints: dict, sampling: dict, output: str, api_keys: dict, limiters: dict,
+                 node_check=None):
+        if node_check is not None:  # a node the autoscaler started after the preflight: check it first
+            node_check.verify()
         self.runner = collect.RequestRunner(endpoints, sampling, output, api_keys, limiters)
         self.loop = asyncio.new_event_loop()  # kept: the openai client's connection pool is bound to it
 
@@ -100,6 +104,8 @@ def execute_requests(requests: list[collect.Request], endpoints: dict[str, Endpo
 
     from alpaca_ray.llm_client import shared_rate_limiter
 
+    # On a cluster, every node must see the root the answers are journaled under before any is paid for.
+    node_check = preflight_stage("evaluate", config.output, config_to_dict(config), say=log)
     ensure_ray()
     used = sorted({r.endpoint for r in requests})
     run_id = uuid.uuid4().hex[:8]
@@ -115,9 +121,11 @@ def execute_requests(requests: list[collect.Request], endpoints: dict[str, Endpo
             num_cpus=0.25,  # the workers wait on the network, not on a core
             fn_constructor_kwargs={"endpoints": {n: endpoints[n] for n in used}, "sampling": sampling_for(config),
                                    "output": os.path.abspath(config.output),
-                                   "api_keys": {n: api_keys.get(n) for n in used}, "limiters": limiters},
+                                   "api_keys": {n: api_keys.get(n) for n in used}, "limiters": limiters,
+                                   "node_check": node_check},
         ).take_all()
     finally:
+        finish(node_check)
         for handle in limiters.values():
             ray.kill(handle)
     copied = collect.keep_unseen_records(results, os.path.abspath(config.output))

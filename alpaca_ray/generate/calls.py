@@ -98,9 +98,11 @@ class TeacherWorker:
     """A Ray Data actor: calls the teacher for each request row, journaling each answer first."""
 
     def __init__(self, endpoint: dict, sampling: dict, raw_dir: str, run_id: str, limiter_name: str | None,
-                 api_key: Secret, system_prompt: str = ""):
+                 api_key: Secret, system_prompt: str = "", node_check=None):
         import ray
 
+        if node_check is not None:  # a node the autoscaler started after the preflight: check it first
+            node_check.verify()
         limiter = ray.get_actor(limiter_name) if limiter_name else None
         self.client = LLMClient(EndpointConfig(**endpoint), limiter=limiter, api_key=api_key)
         # One file per worker: appends never interleave between processes.

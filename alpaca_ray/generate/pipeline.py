@@ -19,6 +19,8 @@ import time
 from collections.abc import Iterator
 
 from alpaca_ray.cluster import storage
+from alpaca_ray.cluster.preflight import finish, preflight_stage
+from alpaca_ray.cluster.ray_cluster import ensure_ray
 from alpaca_ray.config import UserError, config_to_dict
 from alpaca_ray.generate.builder import DatasetBuilder, journal_files, read_journal
 from alpaca_ray.generate.calls import FATAL_FAILURES, TeacherWorker, make_requests, new_run_id, sampling_args
@@ -27,12 +29,11 @@ from alpaca_ray.generate.parse import rules_from_config
 from alpaca_ray.generate.prompt import SeedExample, read_header
 from alpaca_ray.generate.seed_tasks import read_seed_tasks
 from alpaca_ray.llm_client import EndpointConfig, LLMClient, Secret, shared_rate_limiter
-from alpaca_ray.cluster.ray_cluster import ensure_ray
 from alpaca_ray.records import write_records
 
 
 def run_round(requests: list[dict], config: GenerateConfig, raw_dir: str, run_id: str, limiter_name: str | None,
-              api_key: Secret) -> Iterator[dict]:
+              api_key: Secret, node_check=None) -> Iterator[dict]:
     """Send ``requests`` through Ray Data; yield each worker's result as it arrives (journaled already)."""
     import ray
 
@@ -47,7 +48,8 @@ def run_round(requests: list[dict], config: GenerateConfig, raw_dir: str, run_id
         num_cpus=config.worker_num_cpus,
         fn_constructor_kwargs={"endpoint": endpoint_dict(config), "sampling": sampling_args(config),
                                "raw_dir": raw_dir, "run_id": run_id, "limiter_name": limiter_name,
-                               "api_key": api_key, "system_prompt": config.system_prompt})
+                               "api_key": api_key, "system_prompt": config.system_prompt,
+                               "node_check": node_check})
     for row in dataset.iter_rows():
         yield json.loads(row["record"])
 
@@ -91,8 +93,11 @@ def generate(config: GenerateConfig) -> dict:
     if config.resume and not saved:
         raise UserError(f"--resume: {raw_dir} holds no saved responses; drop --resume to start a new run there")
 
-    client = None
+    client, node_check = None, None
     if not config.reprocess:
+        # On a cluster, every node must see the root the journals go to before anything is paid for.
+        node_check = preflight_stage("generate", config.output, config_to_dict(config), say=lambda line: print(line, file=sys.stderr, flush=True),
+                                     log_to_driver=False, configure_logging=False)
         # Fail before anything is spent: key, endpoint and model are checked with a free call.
         client = LLMClient(EndpointConfig(**endpoint_dict(config)))
         client.check_sync()
@@ -106,18 +111,21 @@ def generate(config: GenerateConfig) -> dict:
                 "torn_journal_lines": torn}
     if not config.reprocess and not builder.done:
         try:
-            _generate_rounds(config, builder, client, raw_dir, this_run, seeds, header)
+            _generate_rounds(config, builder, client, raw_dir, this_run, seeds, header, node_check)
         except BaseException:
             # Stopped early (a refused key mid-run, Ctrl-C...): what was kept so far stays usable, and the
             # journal lets the next run carry on from it.
             write_outputs(config, builder, this_run, time.time() - started)
             raise
+        finally:
+            finish(node_check)
+    finish(node_check)
     stats = write_outputs(config, builder, this_run, time.time() - started)
     return stats
 
 
 def _generate_rounds(config: GenerateConfig, builder: DatasetBuilder, client: LLMClient, raw_dir: str,
-                     this_run: dict, seeds: list[SeedExample], header: str) -> None:
+                     this_run: dict, seeds: list[SeedExample], header: str, node_check=None) -> None:
     import ray
     from tqdm import tqdm
 
@@ -139,7 +147,7 @@ def _generate_rounds(config: GenerateConfig, builder: DatasetBuilder, client: LL
                                      rng, run_id, first_number=sent)
             sent += len(requests)
             kept_before, answered, last_failure = len(builder.records), 0, None
-            for record in run_round(requests, config, raw_dir, run_id, limiter_name, client.api_key()):
+            for record in run_round(requests, config, raw_dir, run_id, limiter_name, client.api_key(), node_check):
                 this_run["requests"] += 1
                 if "failure" in record:
                     this_run["failed_requests"] += 1

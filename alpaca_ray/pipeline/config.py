@@ -10,8 +10,10 @@ section sets it::
     evaluate.output = ROOT/evaluate        serve.served_model_name = ROOT's last name
     evaluate.model_a, model_a_base_url = the model this run served
 
-An optional ``teacher: {replay: FILE}`` section starts the offline teacher for the run and points the
-generate stage at it. Stage config classes are imported lazily and only to validate their sections; a
+An optional ``teacher:`` section deploys a teacher on the cluster for the run and points the generate stage
+at it (and evaluate's ``model_b_base_url`` / ``judge_base_url`` when they say ``teacher``): ``{replay: FILE}``
+replays recorded answers (offline, no key), ``{model: NAME_OR_PATH, engine, num_replicas, use_gpu}`` serves
+an open model with the serve stage's app. It is removed before train, so its GPUs are free for training. Stage config classes are imported lazily and only to validate their sections; a
 stage whose class does not exist (yet) gets its section's keys passed through as flags unchecked.
 """
 
@@ -23,6 +25,7 @@ import importlib
 import json
 import os
 from dataclasses import dataclass
+from typing import Literal
 
 from alpaca_ray.cluster import storage
 from alpaca_ray.config import ConfigError, config_from_dict, option, read_config_file, validate
@@ -46,6 +49,7 @@ INPUT_PATH_FIELDS = {
     "serve": ("model", "filter_terms_file"),
     "evaluate": ("eval_set", "model_a_answers", "model_b_answers", "judge_template"),
 }
+TEACHER_PATH_FIELDS = ("replay", "model")
 OUTPUT_PATH_FIELDS = {
     "generate": ("output",),
     "train": ("output", "storage_path"),
@@ -70,8 +74,9 @@ class PipelineConfig:
     train: dict = option(default_factory=dict, help="TrainConfig fields", cli=False)
     serve: dict = option(default_factory=dict, help="ServeConfig fields", cli=False)
     evaluate: dict | None = option(None, "EvaluateConfig fields; the stage runs only when this is given", cli=False)
-    teacher: dict | None = option(None, "start the offline teacher for this run: {replay: FILE} "
-                                        "(TeacherConfig fields); generate is pointed at it", cli=False)
+    teacher: dict | None = option(None, "deploy a teacher on the cluster for this run (TeacherSection fields): "
+                                        "{replay: FILE} or {model: NAME_OR_PATH, engine, num_replicas, use_gpu}; "
+                                        "generate is pointed at it", cli=False)
 
     def __post_init__(self) -> None:
         sections = {s: getattr(self, s) for s in STAGES}
@@ -95,6 +100,46 @@ class PipelineConfig:
     @property
     def state_path(self) -> str:
         return storage.join(self.output, "pipeline_state.json")
+
+
+#: Written as evaluate's ``model_b_base_url`` or ``judge_base_url``: the run's deployed teacher.
+TEACHER_URL = "teacher"
+
+#: The Serve application name of a teacher model deployed for the run.
+TEACHER_APP = "alpaca-ray-teacher"
+
+
+@dataclass
+class TeacherSection:
+    """A teacher deployed on the cluster for the run: recorded answers, or an open model on Serve."""
+
+    replay: str = option("", "JSONL of recorded answers to replay (offline, any key accepted): the bundled "
+                             "alpaca_ray/data/teacher_replay.jsonl or a generate run's raw/ journal")
+    model: str = option("", "an open model to deploy as the teacher with the serve stage's app: a hub name, "
+                            "a path every node mounts, or an s3:// / gs:// model directory")
+    engine: Literal["auto", "transformers", "vllm"] = option("auto", "the serve stage's engine for the model")
+    num_replicas: int = option(1, "teacher replicas (each a serve replica)")
+    use_gpu: bool = option(False, "one GPU per teacher replica")
+    num_cpus_per_replica: float = option(1.0, "CPUs per teacher replica")
+    route_prefix: str = option("/teacher", "where the teacher app answers on the cluster's Serve proxy")
+    names: list[str] = option(default_factory=list, help="model names the replay teacher answers to (any when empty)")
+
+    def __post_init__(self) -> None:
+        validate(self, [
+            (bool(self.replay) != bool(self.model),
+             "teacher: give exactly one of replay (recorded answers) or model (an open model to serve)"),
+            (self.num_replicas >= 1, f"teacher.num_replicas must be >= 1, got {self.num_replicas}"),
+            (self.route_prefix.startswith("/") and self.route_prefix != "/",
+             "teacher.route_prefix must start with '/' and not be '/' (the served model answers there)"),
+        ])
+
+    def serve_values(self, serve: dict, served_model_name: str) -> dict:
+        """The serve stage's flags that deploy this teacher beside (never over) the run's own app."""
+        return {"model": self.model, "engine": self.engine, "num_replicas": self.num_replicas,
+                "use_gpu": self.use_gpu, "num_cpus_per_replica": self.num_cpus_per_replica,
+                "app_name": TEACHER_APP, "route_prefix": self.route_prefix, "served_model_name": served_model_name,
+                "host": serve.get("host", "127.0.0.1"), "port": serve.get("port", 8000),
+                "content_filter": "none", "blocking": False}
 
 
 @dataclass
@@ -146,18 +191,27 @@ def resolve_paths(config: PipelineConfig, base_dir: str | None = None) -> Pipeli
             if exists_here(section.get(name)):
                 section[name] = absolute(section[name])
         changes[stage] = section
-    if isinstance(config.teacher, dict) and config.teacher.get("replay"):
-        changes["teacher"] = {**config.teacher, "replay": absolute(config.teacher["replay"])}
+    if isinstance(config.teacher, dict):
+        # The replay file is always local to the driver; a model may be a hub name.
+        changes["teacher"] = {**config.teacher, **{name: absolute(config.teacher[name]) for name in TEACHER_PATH_FIELDS
+                                                   if name == "replay" and config.teacher.get(name)
+                                                   or exists_here(config.teacher.get(name))}}
     return dataclasses.replace(config, **changes)
 
 
-def served_base_url(serve: dict, cluster_host: str = "127.0.0.1") -> str:
-    """Where the serve stage's app answers (without ``/v1``), as a client on ``cluster_host``'s side sees it."""
+def app_host(serve: dict, cluster_ip: str = "127.0.0.1") -> str:
+    """The host a client reaches the serve stage's proxy at: ``cluster_ip`` when the proxy binds every
+    interface (what other nodes need), loopback when it binds only loopback (the head alone reaches it)."""
     host = serve.get("host") or "127.0.0.1"
-    if host in ("0.0.0.0", "127.0.0.1", "localhost", "::"):
-        host = cluster_host
+    if host in ("0.0.0.0", "::"):
+        return cluster_ip
+    return "127.0.0.1" if host == "localhost" else host
+
+
+def served_base_url(serve: dict, cluster_ip: str = "127.0.0.1") -> str:
+    """Where the serve stage's app answers (without ``/v1``), as a client on the cluster sees it."""
     prefix = (serve.get("route_prefix") or "/").rstrip("/")
-    return f"http://{host}:{serve.get('port', 8000)}{prefix}"
+    return f"http://{app_host(serve, cluster_ip)}:{serve.get('port', 8000)}{prefix}"
 
 
 def wire_sections(config: PipelineConfig) -> dict[str, dict]:
@@ -196,11 +250,9 @@ def stage_specs(config: PipelineConfig) -> list[StageSpec]:
     wired = wire_sections(config)
     problems: list[str] = []
     if config.teacher is not None:
-        from alpaca_ray.teacher.config import TeacherConfig
-
         try:
-            teacher = config_from_dict(TeacherConfig, config.teacher, source="teacher")
-            if not storage.exists(teacher.replay):
+            teacher = config_from_dict(TeacherSection, config.teacher, source="teacher")
+            if teacher.replay and not storage.exists(teacher.replay):
                 problems.append(f"teacher.replay: no such file {teacher.replay}")
         except ConfigError as err:
             problems.append(str(err))
@@ -215,6 +267,12 @@ def stage_specs(config: PipelineConfig) -> list[StageSpec]:
         check = dict(values)
         if stage == "generate" and config.teacher is not None:
             check["teacher_base_url"] = "http://127.0.0.1:1/v1"
+        for name in ("model_b_base_url", "judge_base_url"):
+            if stage == "evaluate" and check.get(name) == TEACHER_URL:
+                if config.teacher is None:
+                    problems.append(f"evaluate.{name}: 'teacher' names the run's teacher, but there is no "
+                                    "teacher section")
+                check[name] = "http://127.0.0.1:1/v1"
         if stage == "evaluate" and check.get("model_a_base_url") and not check.get("model_a"):
             check["model_a"] = "served-model"
         try:
@@ -224,16 +282,20 @@ def stage_specs(config: PipelineConfig) -> list[StageSpec]:
         hidden = [f.name for f in dataclasses.fields(cls) if f.name in values and not f.metadata.get("cli", True)]
         if hidden:
             problems.append(f"{stage}: field(s) {', '.join(hidden)} cannot be passed to a job as flags")
+        uses_teacher = stage == "generate" or TEACHER_URL in (values.get("model_b_base_url"),
+                                                               values.get("judge_base_url"))
         specs.append(StageSpec(stage, values, cls, fingerprint(
-            {**values, "teacher": config.teacher} if stage == "generate" else values)))
+            {**values, "teacher": config.teacher} if uses_teacher else values)))
     if problems:
         raise ConfigError("invalid pipeline config:\n  - " + "\n  - ".join(p.replace("\n", "\n    ") for p in problems))
     return specs
 
 
-def load_pipeline_config(path: str, overrides: dict | None = None, base_dir: str | None = None) -> PipelineConfig:
-    """Read ``path`` (YAML or JSON), apply ``overrides`` (top-level fields), make local paths absolute."""
+def load_pipeline_config(path: str, overrides: dict | None = None, base_dir: str | None = None,
+                         resolve: bool = True) -> PipelineConfig:
+    """Read ``path`` (YAML or JSON), apply ``overrides`` (top-level fields), make local paths absolute
+    (unless ``resolve`` is false: the paths then stay as written, for :func:`portable_config`)."""
     values = read_config_file(path)
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     config = config_from_dict(PipelineConfig, values, source=path)
-    return resolve_paths(config, base_dir)
+    return resolve_paths(config, base_dir) if resolve else config

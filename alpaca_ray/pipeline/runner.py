@@ -10,6 +10,7 @@ Everything but :class:`PipelineRunner` and :func:`local_cluster` is plain code, 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import shlex
@@ -28,7 +29,20 @@ from urllib.parse import urlparse
 
 from alpaca_ray.cluster import storage
 from alpaca_ray.config import UserError, config_from_dict, config_to_argv
-from alpaca_ray.pipeline.config import PipelineConfig, StageSpec, served_base_url
+from alpaca_ray.pipeline.config import (
+    INPUT_PATH_FIELDS,
+    STAGES,
+    TEACHER_APP,
+    TEACHER_PATH_FIELDS,
+    TEACHER_URL,
+    PipelineConfig,
+    StageSpec,
+    TeacherSection,
+    app_host,
+    fingerprint,
+    load_config_class,
+    served_base_url,
+)
 
 STATE_VERSION = 1
 
@@ -42,6 +56,10 @@ OFFLINE_TEACHER_KEY = "offline-teacher-needs-no-key"
 
 class PipelineError(UserError):
     """A stage failed; the message names the stage, the job and its error."""
+
+    def __init__(self, message: str, status: str | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 # --- plain functions (unit-tested without Ray) ------------------------------------------------------
@@ -80,6 +98,67 @@ def job_runtime_env(repo_root: Path, output_root: str, env_vars: dict[str, str] 
     if env_vars:
         runtime_env["env_vars"] = dict(env_vars)
     return runtime_env
+
+
+def travels_with_job(relative_path: str) -> bool:
+    """Whether a path relative to the repository is uploaded with each job (not left out as run output)."""
+    import fnmatch
+
+    parts = Path(relative_path).parts
+    if not parts or parts[0] == "..":
+        return False
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    for pattern in JOB_EXCLUDES:
+        pattern = pattern.rstrip("/")
+        if any(fnmatch.fnmatch(p, pattern) or fnmatch.fnmatch(p, pattern.removeprefix("**/")) for p in prefixes):
+            return False
+    return True
+
+
+def portable_config(config: PipelineConfig, repo_root: Path, base_dir: str | None = None) -> PipelineConfig:
+    """The config as a driver on a remote cluster must see it; refuses what only exists on this machine.
+
+    The root must be absolute (a path the cluster's nodes mount) or a URI: it is resolved on the cluster,
+    not here. A relative input that exists here travels with the job when it lies inside the repository
+    (it is rewritten relative to the repository, the job's working directory); anything else relative
+    that exists only here is refused, naming the field. Absolute paths and hub names pass unchanged:
+    they are the cluster's to resolve, and the preflight and stages check them there.
+    """
+    base = Path(base_dir or os.getcwd())
+    problems = []
+    if not storage.is_remote(config.output) and not os.path.isabs(config.output):
+        problems.append(f"output: {config.output} is relative; with --address the root is on the cluster: give "
+                        "a path every node mounts (e.g. /mnt/cluster_storage/NAME) or an s3:// / gs:// URI")
+
+    def portable(field: str, path):
+        if not isinstance(path, str) or not path or storage.is_remote(path) or os.path.isabs(path):
+            return path
+        here = (base / storage.local_path(path)).resolve()
+        if not here.exists():
+            return path  # a hub name, or a path that means something only on the cluster
+        try:
+            inside = here.relative_to(repo_root.resolve()).as_posix()
+        except ValueError:
+            inside = None
+        if inside is not None and travels_with_job(inside):
+            return inside
+        problems.append(f"{field}: {path} exists only on this machine (outside what the job uploads from "
+                        f"{repo_root}); put it under the storage root, or give a path or URI the cluster sees")
+        return path
+
+    changes: dict = {}
+    for stage in STAGES:
+        section = getattr(config, stage)
+        if isinstance(section, dict):
+            section = {k.replace("-", "_"): v for k, v in section.items()}
+            changes[stage] = {k: portable(f"{stage}.{k}", v) if k in INPUT_PATH_FIELDS[stage] else v
+                              for k, v in section.items()}
+    if isinstance(config.teacher, dict):
+        changes["teacher"] = {k: portable(f"teacher.{k}", v) if k in TEACHER_PATH_FIELDS else v
+                              for k, v in config.teacher.items()}
+    if problems:
+        raise UserError("the config names files the cluster cannot see:\n  - " + "\n  - ".join(problems))
+    return dataclasses.replace(config, **changes)
 
 
 def new_state() -> dict:
@@ -207,6 +286,62 @@ def http_answers(url: str, timeout: float = 5.0) -> bool:
         return err.code in (401, 403)
     except (OSError, ValueError):
         return False
+
+
+def cluster_ip(address: str) -> str:
+    """The address workers on every node reach apps on the cluster at.
+
+    In a driver connected to the cluster (the pipeline's own job, on the head): this node's cluster IP,
+    never loopback, which only the head itself would reach. Otherwise the host of ``address``.
+    """
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    except ImportError:
+        pass
+    return cluster_host(address)
+
+
+def pipeline_needs(to_run: list[StageSpec], config: PipelineConfig) -> list:
+    """The environment variables the stages to run need, less the keys of the run's own teacher."""
+    from alpaca_ray.cluster.preflight import stage_needs
+
+    needs = []
+    for spec in to_run:
+        teacher_keys = []
+        if config.teacher is not None and spec.name == "generate":
+            teacher_keys.append(spec.values.get("api_key_env", "OPENAI_API_KEY"))
+        if config.teacher is not None and spec.values.get("judge_base_url") == TEACHER_URL:
+            teacher_keys.append(spec.values.get("judge_api_key_env", "OPENAI_API_KEY"))
+        needs += [n for n in stage_needs(spec.name, spec.values, teacher_keys) if n not in needs]
+    return needs
+
+
+def unreachable_apps(to_run: list[StageSpec], config: PipelineConfig, specs: list[StageSpec]) -> list[str]:
+    """Apps that workers on other nodes must call but that bind only the head's loopback."""
+    problems = []
+    serve = next((s.values for s in specs if s.name == "serve"), {})
+    evaluate = next((s for s in to_run if s.name == "evaluate"), None)
+    host = serve.get("host") or "127.0.0.1"
+    loopback = host.startswith("127.") or host in ("::1", "localhost")
+    if evaluate is not None and loopback and not evaluate.values.get("model_a_answers") \
+            and evaluate.values.get("model_a_base_url") == served_base_url(serve) + "/v1":
+        problems.append(f"serve.host: {serve.get('host', '127.0.0.1')} binds only the head's loopback, but "
+                        "evaluate's workers on other nodes call the served model: set serve.host: 0.0.0.0 "
+                        "(with api_key_env to require a key)")
+    if config.teacher and config.teacher.get("model") and loopback:
+        problems.append(f"serve.host: {serve.get('host', '127.0.0.1')} binds only the head's loopback, but "
+                        "generate's workers on other nodes call the teacher deployed on that proxy: set "
+                        "serve.host: 0.0.0.0")
+    return problems
+
+
+def stage_uses_teacher(spec: StageSpec) -> bool:
+    """Whether the stage talks to the run's teacher: generate always, evaluate when a URL says ``teacher``."""
+    return spec.name == "generate" or TEACHER_URL in (spec.values.get("model_b_base_url"),
+                                                      spec.values.get("judge_base_url"))
 
 
 def cluster_host(address: str) -> str:
@@ -354,17 +489,30 @@ class PipelineRunner:
                             + "; is the cluster up (ray up cluster.yaml / ray start --head)?") from None
         self.write = write or (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
         self.repo_root = repo_root or find_repo_root()
-        self.host = cluster_host(address)
+        self.cluster_ip = cluster_ip(address)
         self.state = read_state(config.state_path)
         self.submitted: list[str] = []
+        self.teacher: tuple[str, str, Any] | None = None
 
     def say(self, line: str) -> None:
         self.write(f"[pipeline] {line}\n")
 
+    def preflight(self, from_stage: str | None = None) -> None:
+        """Before anything is submitted or paid for: every node sees the root and has what the stages need."""
+        from alpaca_ray.cluster.preflight import PreflightError, alive_node_count, finish, run_preflight
+
+        _, to_run, _ = plan_stages(self.specs, self.state, from_stage, self.is_alive)
+        needs = pipeline_needs(to_run, self.config)
+        nodes = alive_node_count()
+        loopback = [problem for problem in unreachable_apps(to_run, self.config, self.specs) if nodes > 1]
+        if loopback:
+            raise PreflightError("preflight: on a cluster of several nodes:\n  - " + "\n  - ".join(loopback))
+        finish(run_preflight(self.config.output, needs, say=self.say))
+
     def serve_url(self) -> str:
         """Where the served model answers: as recorded when it was deployed, else as configured."""
         record = self.state["stages"].get("serve") or {}
-        return record.get("url") or served_base_url(self._values("serve"), self.host)
+        return record.get("url") or served_base_url(self._values("serve"), self.cluster_ip)
 
     def _values(self, stage: str) -> dict:
         return next((s.values for s in self.specs if s.name == stage), {})
@@ -385,90 +533,150 @@ class PipelineRunner:
             return []
         self.say(f"running {', '.join(s.name for s in to_run)} on {self.address} "
                  f"(starting at {why['stage']}: {why['reason']})")
-        teacher = None
         try:
             for spec in to_run:
                 extra, env_vars = {}, {}
-                if spec.name == "generate" and self.config.teacher is not None:
-                    teacher = teacher or self._start_teacher()
-                    extra["teacher_base_url"] = teacher.base_url.replace("://0.0.0.0:", "://127.0.0.1:")
-                    key_env = spec.values.get("api_key_env") or getattr(spec.config_class, "api_key_env",
-                                                                        "OPENAI_API_KEY")
-                    env_vars[key_env or "OPENAI_API_KEY"] = OFFLINE_TEACHER_KEY
+                if stage_uses_teacher(spec) and self.config.teacher is not None:
+                    url = self.teacher_url()
+                    if spec.name == "generate":
+                        extra["teacher_base_url"] = url
+                        key_env = spec.values.get("api_key_env") or getattr(spec.config_class, "api_key_env",
+                                                                            "OPENAI_API_KEY")
+                        if self.teacher_is_replay or self.teacher_is_served:
+                            env_vars[key_env or "OPENAI_API_KEY"] = OFFLINE_TEACHER_KEY
+                    else:
+                        extra.update({name: url for name in ("model_b_base_url", "judge_base_url")
+                                      if spec.values.get(name) == TEACHER_URL})
+                else:
+                    self.stop_teacher()  # before train: its GPUs are for training
                 extra.update(submit_time_values(spec, self.specs, self.state, self.serve_url()))
                 self._run_stage(spec, extra, env_vars)
-                if teacher is not None and spec.name == "generate":
-                    teacher.stop()
-                    teacher = None
         finally:
-            if teacher is not None:
-                teacher.stop()
+            self.stop_teacher()
         return [s.name for s in to_run]
 
-    def _start_teacher(self):
-        from alpaca_ray.teacher import TeacherConfig, start_teacher
+    @property
+    def teacher_is_replay(self) -> bool:
+        return bool((self.config.teacher or {}).get("replay"))
 
-        teacher_config = config_from_dict(TeacherConfig, self.config.teacher, source="teacher")
-        server = start_teacher(teacher_config.replay, teacher_config.host, teacher_config.port, teacher_config.model)
-        self.say(f"offline teacher: replaying {len(server.responder.responses)} recorded responses from "
-                 f"{teacher_config.replay} at {server.base_url}")
-        return server
+    @property
+    def teacher_is_served(self) -> bool:
+        return bool((self.config.teacher or {}).get("model"))
 
-    def _run_stage(self, spec: StageSpec, extra: dict, env_vars: dict[str, str]) -> None:
+    def teacher_url(self) -> str:
+        """Deploy the run's teacher on the cluster (once); its base URL, reachable from every node."""
+        if self.teacher is not None:
+            return self.teacher[1]
+        section = config_from_dict(TeacherSection, self.config.teacher, source="teacher")
+        if section.replay:
+            from alpaca_ray.teacher import read_replay
+            from alpaca_ray.teacher.service import start_replay_service
+
+            responses = read_replay(section.replay)
+            actor, url = start_replay_service(responses, section.names or None)
+            self.teacher = ("replay", url, actor)
+            self.say(f"offline teacher: replaying {len(responses)} recorded responses from {section.replay} "
+                     f"at {url} (a cluster service)")
+            return url
+        serve_values = self._values("serve")
+        teacher_model = self._values("generate").get("teacher_model") or "teacher"
+        values = section.serve_values(serve_values, teacher_model)
+        spec = StageSpec("serve", values, load_config_class("serve"), fingerprint(values))
+        self.say(f"teacher: deploying {section.model} with the serve stage's app as {TEACHER_APP!r}")
+        self._submit_and_wait(spec, {}, {}, "teacher")
+        base = deployed_app_url(self.address, TEACHER_APP, app_host(values, self.cluster_ip), self.headers) or \
+            served_base_url(values, self.cluster_ip)
+        self.teacher = ("serve", base + "/v1", None)
+        self.say(f"teacher: {teacher_model!r} answers at {base}/v1")
+        return base + "/v1"
+
+    def stop_teacher(self) -> None:
+        """Remove the run's teacher (the replay actor, or the teacher's Serve app)."""
+        if self.teacher is None:
+            return
+        kind, _url, actor = self.teacher
+        self.teacher = None
+        if kind == "replay":
+            from alpaca_ray.teacher.service import stop_replay_service
+
+            self.say(f"offline teacher stopped after {stop_replay_service(actor)} requests")
+        else:
+            from ray import serve
+
+            serve.delete(TEACHER_APP)
+            self.say(f"teacher app {TEACHER_APP!r} removed")
+
+    def _submit_and_wait(self, spec: StageSpec, extra: dict, env_vars: dict[str, str], label: str,
+                         on_submitted: Callable[[str], None] | None = None) -> tuple[str, float]:
+        """Submit ``spec`` as a job and follow it; returns (job id, seconds). Raises :class:`PipelineError`."""
         from ray.job_submission import JobStatus
 
-        names = [s.name for s in self.specs]
-        position = f"[{names.index(spec.name) + 1}/{len(names)}]"
         entrypoint = stage_entrypoint(spec.name, stage_argv(spec, extra))
-        job_id = f"alpaca-ray-{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-        self.say(f"{position} {spec.name}: submitting job {job_id}\n[pipeline]   {entrypoint}")
+        job_id = f"alpaca-ray-{label}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        self.say(f"{label}: submitting job {job_id}\n[pipeline]   {entrypoint}")
         started = time.monotonic()
         submit_job(self.client, entrypoint=entrypoint, submission_id=job_id,
                    runtime_env=job_runtime_env(self.repo_root, self.config.output, env_vars))
         self.submitted.append(job_id)
-        self.state["stages"][spec.name] = {"status": "running", "job_id": job_id, "fingerprint": spec.fingerprint,
-                                           "started_at": time.time()}
-        write_state(self.config.state_path, self.state)
+        if on_submitted:
+            on_submitted(job_id)
         try:
-            status = self._follow(job_id)
+            status = follow_job(self.client, job_id, self.write)
         except KeyboardInterrupt:
             self.say(f"interrupted: stopping job {job_id}; rerun to resume from {spec.name}")
             self.client.stop_job(job_id)
             raise
         wall_s = time.monotonic() - started
         if status != JobStatus.SUCCEEDED:
-            self.state["stages"][spec.name]["status"] = status.value.lower()
-            write_state(self.config.state_path, self.state)
             info = self.client.get_job_info(job_id)
             logs = self.client.get_job_logs(job_id)
             raise PipelineError(
-                f"stage '{spec.name}' failed: {error_summary(logs, info.message or '')}\n"
+                f"stage '{label}' failed: {error_summary(logs, info.message or '')}\n"
                 f"  job {job_id} ended {status.value} after {wall_s:.0f}s ({info.error_type or 'no error type'}); "
                 f"full logs: ray job logs --address {self.address} {job_id}\n"
-                f"  fix the cause and rerun the same command: finished stages are skipped")
+                f"  fix the cause and rerun the same command: finished stages are skipped", status=status.value)
+        return job_id, wall_s
+
+    def _run_stage(self, spec: StageSpec, extra: dict, env_vars: dict[str, str]) -> None:
+        names = [s.name for s in self.specs]
+        position = f"[{names.index(spec.name) + 1}/{len(names)}]"
+
+        def running(job_id: str) -> None:
+            self.state["stages"][spec.name] = {"status": "running", "job_id": job_id,
+                                               "fingerprint": spec.fingerprint, "started_at": time.time()}
+            write_state(self.config.state_path, self.state)
+
+        try:
+            job_id, wall_s = self._submit_and_wait(spec, extra, env_vars, f"{position} {spec.name}", running)
+        except PipelineError as err:
+            self.state["stages"][spec.name]["status"] = (err.status or "failed").lower()
+            write_state(self.config.state_path, self.state)
+            raise
         extra_record = {}
         if spec.name == "serve":
-            configured = served_base_url(spec.values, self.host)
+            configured = served_base_url(spec.values, self.cluster_ip)
             app_name = spec.values.get("app_name") or getattr(spec.config_class, "app_name", "alpaca-ray")
-            extra_record["url"] = deployed_app_url(self.address, app_name, self.host, self.headers) or configured
+            host = app_host(spec.values, self.cluster_ip)
+            extra_record["url"] = deployed_app_url(self.address, app_name, host, self.headers) or configured
         record_finished(self.state, spec, job_id, wall_s, **extra_record)
         write_state(self.config.state_path, self.state)
         self.say(f"{position} {spec.name}: finished in {wall_s:.0f}s")
 
-    def _follow(self, job_id: str):
-        """Stream the job's logs until it ends; return its final status."""
 
-        async def tail() -> None:
-            async for chunk in self.client.tail_job_logs(job_id):
-                self.write(chunk)
+def follow_job(client, job_id: str, write: Callable[[str], Any]):
+    """Stream a job's logs until it ends; return its final status."""
 
-        try:
-            asyncio.run(tail())
-        except Exception as err:  # noqa: BLE001 - log streaming is a convenience; the status below decides
-            self.say(f"(log stream ended: {err}; waiting for the job)")
-        deadline = time.monotonic() + 24 * 3600
-        while True:  # the stream can end a moment before the status turns terminal
-            status = self.client.get_job_status(job_id)
-            if status.is_terminal() or time.monotonic() > deadline:
-                return status
-            time.sleep(1.0)
+    async def tail() -> None:
+        async for chunk in client.tail_job_logs(job_id):
+            write(chunk)
+
+    try:
+        asyncio.run(tail())
+    except Exception as err:  # noqa: BLE001 - log streaming is a convenience; the status below decides
+        write(f"[pipeline] (log stream ended: {err}; waiting for the job)\n")
+    deadline = time.monotonic() + 24 * 3600
+    while True:  # the stream can end a moment before the status turns terminal
+        status = client.get_job_status(job_id)
+        if status.is_terminal() or time.monotonic() > deadline:
+            return status
+        time.sleep(1.0)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from alpaca_ray.config import ConfigError
+from alpaca_ray.config import ConfigError, UserError
 from alpaca_ray.pipeline.config import (
     PipelineConfig,
     StageSpec,
@@ -283,3 +283,74 @@ def test_evaluate_is_pointed_at_the_model_this_run_served(tmp_path):
     values["evaluate"].update(model_a="gpt-4o", model_a_base_url="https://api.openai.com/v1")
     specs = stage_specs(PipelineConfig(**values))
     assert submit_time_values(specs[-1], specs, state, "http://10.0.0.5:8123") == {}
+
+
+# --- driving a cluster from a machine that does not see the root --------------------------------------
+
+
+def test_only_what_travels_with_the_job_may_be_relative_for_a_remote_cluster(tmp_path, monkeypatch):
+    from alpaca_ray.pipeline.config import PipelineConfig
+    from alpaca_ray.pipeline.runner import portable_config, travels_with_job
+
+    assert travels_with_job("alpaca_ray/data/teacher_replay.jsonl")
+    assert not travels_with_job("runs/tiny-base") and not travels_with_job("../elsewhere")
+    assert not travels_with_job("models/model.safetensors")
+    elsewhere = tmp_path / "mine.jsonl"
+    elsewhere.write_text("{}\n")
+    monkeypatch.chdir(REPO_ROOT)
+    config = PipelineConfig(output="/mnt/cluster_storage/run", teacher={"replay": "alpaca_ray/data/teacher_replay.jsonl"},
+                            train={"base_model": "meta-llama/Llama-3.1-8B", "data": "/mnt/cluster_storage/d.json"},
+                            serve={})
+    portable = portable_config(config, REPO_ROOT)
+    assert portable.teacher["replay"] == "alpaca_ray/data/teacher_replay.jsonl"  # travels: stays relative
+    assert portable.train["base_model"] == "meta-llama/Llama-3.1-8B"  # a hub name is the cluster's to fetch
+    (REPO_ROOT / "runs").mkdir(exist_ok=True)
+    bad = PipelineConfig(output="runs/x", teacher={"replay": str(elsewhere)},
+                         generate={"seed_tasks": "runs"}, train={}, serve={})
+    with pytest.raises(UserError) as err:
+        portable_config(bad, REPO_ROOT)
+    message = str(err.value)
+    assert "output: runs/x is relative" in message and "/mnt/cluster_storage" in message
+    assert "generate.seed_tasks: runs exists only on this machine" in message
+
+
+def test_apps_that_workers_call_must_not_bind_only_loopback():
+    from alpaca_ray.pipeline.config import PipelineConfig, stage_specs
+    from alpaca_ray.pipeline.runner import unreachable_apps
+
+    def specs_for(host: str):
+        config = PipelineConfig(output="/mnt/cluster_storage/run", generate={"teacher_model": "t", "target": 5,
+                                                                              "teacher_base_url": "http://t:1/v1"},
+                                train={"base_model": "/m"}, serve={"host": host},
+                                evaluate={"judge_model": "j", "model_b": "b", "model_b_base_url": "http://b:1/v1"})
+        return config, [s for s in stage_specs(config)]
+
+    config, specs = specs_for("127.0.0.1")
+    problems = unreachable_apps(specs, config, specs)
+    assert len(problems) == 1 and "serve.host: 127.0.0.1" in problems[0] and "0.0.0.0" in problems[0]
+    config, specs = specs_for("0.0.0.0")
+    assert unreachable_apps(specs, config, specs) == []
+
+
+def test_the_teacher_section_is_a_replay_or_a_model_and_urls_can_name_it(tmp_path):
+    from alpaca_ray.pipeline.config import TEACHER_APP, PipelineConfig, TeacherSection, stage_specs
+
+    with pytest.raises(ConfigError, match="exactly one of replay"):
+        TeacherSection(replay="a.jsonl", model="m")
+    section = TeacherSection(model="/models/teacher", engine="transformers", num_replicas=2)
+    values = section.serve_values({"host": "0.0.0.0", "port": 8123}, "teacher-name")
+    assert values["app_name"] == TEACHER_APP and values["route_prefix"] == "/teacher"
+    assert values["num_replicas"] == 2 and values["port"] == 8123 and values["blocking"] is False
+    config = PipelineConfig(output=str(tmp_path), teacher={"model": "/models/teacher"},
+                            generate={"teacher_model": "t", "target": 5}, train={"base_model": "/m"}, serve={},
+                            evaluate={"judge_model": "t", "judge_base_url": "teacher", "model_b": "t",
+                                      "model_b_base_url": "teacher"})
+    specs = {s.name: s for s in stage_specs(config)}
+    assert specs["evaluate"].values["judge_base_url"] == "teacher"  # filled in when deployed
+    no_teacher = PipelineConfig(output=str(tmp_path), generate={"teacher_model": "t", "target": 5,
+                                                                 "teacher_base_url": "http://t:1/v1"},
+                                train={"base_model": "/m"}, serve={}, evaluate={"judge_model": "t", "model_b": "t",
+                                                                                "model_b_answers": "/b.json",
+                                                                                "judge_base_url": "teacher"})
+    with pytest.raises(ConfigError, match="'teacher' names the run's teacher, but there is no teacher section"):
+        stage_specs(no_teacher)
