@@ -164,7 +164,7 @@ def submit_driver(config: PipelineConfig, from_stage: str | None, address: str, 
     summary = error_summary(client.get_job_logs(job_id), info.message or "")
     print(f"error: {summary}\n  pipeline driver job {job_id} ended {status.value}; "
           f"rerun the same command to resume from the first unfinished stage", file=sys.stderr, flush=True)
-    return 1
+    return 2  # as a stage's own error: the driver failed on something the user can fix
 
 
 def _quote(arg: str) -> str:

@@ -547,6 +547,8 @@ class PipelineRunner:
                     else:
                         extra.update({name: url for name in ("model_b_base_url", "judge_base_url")
                                       if spec.values.get(name) == TEACHER_URL})
+                        if spec.values.get("judge_base_url") == TEACHER_URL:  # the run's teacher takes any key
+                            env_vars[spec.values.get("judge_api_key_env") or "OPENAI_API_KEY"] = OFFLINE_TEACHER_KEY
                 else:
                     self.stop_teacher()  # before train: its GPUs are for training
                 extra.update(submit_time_values(spec, self.specs, self.state, self.serve_url()))
@@ -612,7 +614,8 @@ class PipelineRunner:
         from ray.job_submission import JobStatus
 
         entrypoint = stage_entrypoint(spec.name, stage_argv(spec, extra))
-        job_id = f"alpaca-ray-{label}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        job_id = f"alpaca-ray-{spec.values.get('app_name') if label == 'teacher' else spec.name}-" \
+                 f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         self.say(f"{label}: submitting job {job_id}\n[pipeline]   {entrypoint}")
         started = time.monotonic()
         submit_job(self.client, entrypoint=entrypoint, submission_id=job_id,
@@ -631,7 +634,8 @@ class PipelineRunner:
             info = self.client.get_job_info(job_id)
             logs = self.client.get_job_logs(job_id)
             raise PipelineError(
-                f"stage '{label}' failed: {error_summary(logs, info.message or '')}\n"
+                f"stage '{spec.name if label != 'teacher' else 'teacher'}' failed: "
+                f"{error_summary(logs, info.message or '')}\n"
                 f"  job {job_id} ended {status.value} after {wall_s:.0f}s ({info.error_type or 'no error type'}); "
                 f"full logs: ray job logs --address {self.address} {job_id}\n"
                 f"  fix the cause and rerun the same command: finished stages are skipped", status=status.value)

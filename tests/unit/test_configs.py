@@ -74,8 +74,16 @@ def test_alpaca_7b_is_alpacas_exact_recipe():
 
 
 def test_modern_8b_uses_open_models_only():
-    specs = specs_of(REPO_ROOT / "configs" / "modern-8b.yaml")
+    from alpaca_ray.pipeline.config import TEACHER_URL, TeacherSection, load_pipeline_config
+
+    path = REPO_ROOT / "configs" / "modern-8b.yaml"
+    specs = specs_of(path)
     generate, train = specs["generate"].values, specs["train"].values
-    assert "openai.com" not in generate["teacher_base_url"]
-    assert generate["teacher_model"].startswith("Qwen/") and train["base_model"] == "meta-llama/Llama-3.1-8B"
+    # The teacher is deployed by the pipeline on the cluster: no hand-run server, no made-up host name.
+    teacher = TeacherSection(**load_pipeline_config(str(path)).teacher)
+    assert teacher.model.startswith("Qwen/") and teacher.engine == "vllm" and teacher.use_gpu
+    assert "teacher_base_url" not in generate and generate["teacher_model"] == teacher.model
+    assert train["base_model"] == "meta-llama/Llama-3.1-8B"
+    assert specs["evaluate"].values["model_b_base_url"] == TEACHER_URL == specs["evaluate"].values["judge_base_url"]
+    assert specs["evaluate"].values["model_b"] == teacher.model
     assert "openai.com" not in str(specs["evaluate"].values)
