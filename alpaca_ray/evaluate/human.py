@@ -4,19 +4,23 @@ Each rater sees every pair once, in their own random order, with the two answers
 (fixed per rater and item, so a reload shows the same thing). Names never reach the page: it gets
 "Response 1" and "Response 2", and the server maps the rater's choice back to model A or B before
 storing it in SQLite (:mod:`alpaca_ray.evaluate.ratings`). The report reads the same file.
+
+The page is one deployment with exactly one replica, which makes it the database's single writer (two
+replicas on two nodes would each write a file of their own). It runs on the node of the process that
+deployed it, the one that writes the report from the same file when the page is taken down.
 """
 
 # No ``from __future__ import annotations`` here: FastAPI must see the real request-body type of ``rate``
 # (a string annotation is not resolved once Serve has pickled the class), or it reads it as a query.
 import hashlib
-import signal
-import threading
 
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, Field
 from ray import serve
 
+from alpaca_ray.cluster.ray_cluster import ensure_ray
+from alpaca_ray.cluster.services import serve_app_url, wait_for_stop_signal  # noqa: F401 (run_human's wait)
 from alpaca_ray.evaluate.ratings import RatingStore
 
 PAGE = """<!doctype html>
@@ -126,7 +130,11 @@ app = FastAPI(title="alpaca-ray human evaluation")
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
 @serve.ingress(app)
 class RatingPage:
-    """Serves the page and its small JSON API; one replica, since SQLite lives on its node's disk."""
+    """Serves the page and its small JSON API; one replica, the ratings database's only writer.
+
+    Never scale it out: each replica would write the database on its own node's disk (see the module's
+    docstring); :func:`deploy_rating_page` pins it to one replica on the deploying process's node.
+    """
 
     def __init__(self, pairs: list[dict], db_path: str, seed: int = 0):
         self.pairs = {pair["id"]: pair for pair in pairs}
@@ -182,23 +190,13 @@ def deploy_rating_page(pairs: list[dict], db_path: str, seed: int = 0, app_name:
     Serve has one HTTP proxy per cluster: when Serve already runs there, the page joins it under
     ``route_prefix`` and the proxy's own host and port apply, not ``host``/``port``.
     """
-    import ray
-
-    if not ray.is_initialized():
-        ray.init()
+    ray = ensure_ray()
     serve.start(http_options={"host": host, "port": port})
-    from ray.serve.context import _get_global_client
-
-    http = _get_global_client().http_config
-    serve.run(RatingPage.bind(pairs, db_path, seed), name=app_name, route_prefix=route_prefix)
-    shown_host = "127.0.0.1" if http.host in ("0.0.0.0", "::") else http.host
-    return f"http://{shown_host}:{http.port}{route_prefix.rstrip('/')}/"
-
-
-def wait_for_stop_signal() -> None:
-    """Block until SIGINT or SIGTERM (the foreground mode of ``--human``)."""
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(1.0):
-        pass
+    # Pinned to this node (its "node:IP" resource; 0.001 is a placement rule, not a reservation): the page
+    # writes db_path on this node's disk, and this process reads it from there for the report.
+    here = {f"node:{ray.util.get_node_ip_address()}": 0.001}
+    page = RatingPage.options(num_replicas=1, ray_actor_options={"num_cpus": 0, "resources": here})
+    serve.run(page.bind(pairs, db_path, seed), name=app_name, route_prefix=route_prefix)
+    shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    url = serve_app_url(app_name) or f"http://{shown_host}:{port}{route_prefix.rstrip('/')}"
+    return url + "/"

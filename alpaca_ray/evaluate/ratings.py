@@ -1,17 +1,17 @@
-"""Human ratings in SQLite (WAL): one row per (item, rater), the latest choice winning.
+"""Human ratings in SQLite: one row per (item, rater), the latest choice winning.
 
-WAL lets the rating page write while a report reads. Connections are opened per call, so the store is
-safe to share between the threads of a Serve replica.
+A table on :class:`~alpaca_ray.cluster.sqlite_store.SQLiteStore` (a connection and transaction per call, so
+the threads of a Serve replica can share the store; WAL on a local disk, the rollback journal on a network
+filesystem). Its one writer is the rating page's single replica (:mod:`alpaca_ray.evaluate.human`).
 """
 
 from __future__ import annotations
 
 import os
-import sqlite3
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
+
+from alpaca_ray.cluster.sqlite_store import JournalMode, SQLiteStore
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS ratings (
@@ -35,43 +35,32 @@ class Rating:
 
 
 class RatingStore:
-    def __init__(self, path: str):
-        self.path = path
-        parent = os.path.dirname(os.path.abspath(path))
-        os.makedirs(parent, exist_ok=True)
-        with self._connect() as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute(SCHEMA)
+    """``create=False`` reads a database the rating page writes, without changing it."""
 
-    @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=30)
-        try:
-            with db:  # commits, or rolls back on error
-                yield db
-        finally:
-            db.close()
+    def __init__(self, path: str, *, journal_mode: JournalMode | None = None, create: bool = True):
+        self.db = SQLiteStore(path, SCHEMA, journal_mode=journal_mode, create=create)
+        self.path = path
 
     def record(self, item_id: str, rater_id: str, choice: str, shown_order: str) -> None:
         if choice not in ("A", "B", "tie") or shown_order not in ("ab", "ba"):
             raise ValueError(f"bad rating: choice={choice!r} order={shown_order!r}")
-        with self._connect() as db:
+        with self.db.write() as db:
             db.execute("INSERT INTO ratings VALUES (?, ?, ?, ?, ?) ON CONFLICT(item_id, rater_id) DO UPDATE SET "
                        "choice=excluded.choice, shown_order=excluded.shown_order, time=excluded.time",
                        (item_id, rater_id, choice, shown_order, time.time()))
 
     def ratings(self) -> list[Rating]:
-        with self._connect() as db:
+        with self.db.read() as db:
             rows = db.execute("SELECT item_id, rater_id, choice, shown_order, time FROM ratings "
                               "ORDER BY time").fetchall()
         return [Rating(*row) for row in rows]
 
     def rated_items(self, rater_id: str) -> set[str]:
-        with self._connect() as db:
+        with self.db.read() as db:
             rows = db.execute("SELECT item_id FROM ratings WHERE rater_id = ?", (rater_id,)).fetchall()
         return {row[0] for row in rows}
 
 
 def read_ratings(path: str) -> list[Rating]:
     """Ratings in ``path``, or none when no one has rated yet (no file)."""
-    return RatingStore(path).ratings() if os.path.exists(path) else []
+    return RatingStore(path, create=False).ratings() if os.path.exists(path) else []

@@ -4,6 +4,13 @@
 file passes as ``args``) into the bound application, so ``serve run``/``serve deploy`` of
 ``alpaca_ray.serve.app:build_app`` and ``alpaca-ray serve`` deploy the same thing. ``deploy(config)``
 runs it on the cluster (reusing a running Serve instance) and waits until it answers ``/healthz``.
+
+Two deployments: ``AlpacaServer`` (the model and the HTTP API, ``num_replicas`` of them, spread over the
+nodes) and ``ReportsWriter``, the single replica that owns the reports database. The API replicas hand
+every report to the writer through a DeploymentHandle, so ``GET /v1/reports`` and
+``alpaca-ray reports export`` see all reports whichever replica, on whichever node, took them. The
+writer runs on the head node: a ``reports_db`` on a local disk lives on the head (where
+``reports export`` runs), and a restarted writer finds the same file rather than starting a new one.
 """
 
 # no `from __future__ import annotations`: FastAPI must see real types through Serve's class-based views
@@ -15,6 +22,7 @@ import urllib.request
 from collections.abc import AsyncIterator
 from html import escape as html_escape
 from pathlib import Path
+from urllib.parse import urlparse
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,7 +30,10 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Str
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import Application
+from ray.serve.handle import DeploymentHandle
 
+from alpaca_ray.cluster.ray_cluster import ensure_ray
+from alpaca_ray.cluster.services import serve_app_url
 from alpaca_ray.config import UserError, config_from_dict, config_to_dict
 from alpaca_ray.prompts import PROMPT_NO_INPUT, PROMPT_WITH_INPUT, format_prompt
 from alpaca_ray.serve.config import ServeConfig, api_key_hash, hash_key, resolve_config
@@ -46,6 +57,8 @@ from alpaca_ray.serve.reports import REPORT_REASONS, ReportStore
 from alpaca_ray.serve.watermark import WatermarkDetector, WatermarkLogitsProcessor, watermark_vocab_size
 
 DEMO_PAGE = Path(__file__).with_name("demo.html")
+#: Ray's resource that only the head node has; a tiny amount of it pins an actor there.
+HEAD_NODE_RESOURCE = "node:__internal_head__"
 
 api = FastAPI(title="alpaca-ray", description="An Alpaca-style instruction model behind an OpenAI-compatible API.")
 
@@ -80,12 +93,38 @@ class DetectRequest(BaseModel):
     text: str
 
 
+@serve.deployment(
+    num_replicas=1,  # exactly one: two writers on two nodes would each keep a database of their own
+    # No CPU: it only waits on SQLite, and a head started with --num-cpus=0 must still be able to host it.
+    ray_actor_options={"num_cpus": 0, "resources": {HEAD_NODE_RESOURCE: 0.001}},
+    max_ongoing_requests=256,  # callers queue here rather than in every API replica's router
+)
+class ReportsWriter:
+    """The one process that opens the reports database: the API replicas call it for add/list/count."""
+
+    def __init__(self, db_path: str):
+        self.store = ReportStore(db_path)
+
+    # Plain methods: Serve runs them on its thread pool, each call its own SQLite transaction.
+    def add(self, report: dict) -> int:
+        return self.store.add(**report)
+
+    def list(self, limit: int | None = None, offset: int = 0) -> list[dict]:
+        return self.store.list(limit, offset)
+
+    def count(self) -> int:
+        return self.store.count()
+
+
 @serve.deployment
 @serve.ingress(api)
 class AlpacaServer:
-    """One replica: the engine, the filter, the report store and the metrics."""
+    """One replica: the engine, the filter and the metrics; reports go to the :class:`ReportsWriter`."""
 
-    def __init__(self, config: dict, api_key_sha256: str | None = None):
+    def __init__(self, config: dict, api_key_sha256: str | None = None, reports: DeploymentHandle | None = None):
+        if reports is None:  # bound by build_app; a replica must never open the database itself
+            raise ValueError("AlpacaServer needs the ReportsWriter's handle: build the app with build_app()")
+        self.reports = reports
         self.config = config_from_dict(ServeConfig, config, source="serve app config")
         self.api_key_sha256 = api_key_sha256  # only the key's hash travels to replicas
         self.metrics = Metrics()
@@ -112,7 +151,6 @@ class AlpacaServer:
         self.filter = make_filter(self.config.content_filter, self.config.filter_terms,
                                   self.config.filter_terms_file, self.config.moderation_base_url,
                                   self.config.moderation_model, self.config.moderation_api_key_env)
-        self.reports = ReportStore(self.config.reports_db)
 
     # ---- helpers ----
     def _authorize(self, request: Request) -> None:
@@ -328,9 +366,9 @@ class AlpacaServer:
                 raise APIError(400, f"reason must be one of {', '.join(REPORT_REASONS)}", param="reason",
                                code="invalid_value")
             prompt = body.prompt or (format_prompt(body.instruction, body.input) if body.instruction else "")
-            report_id = await asyncio.to_thread(
-                self.reports.add, model=body.model or self.model_id, response=body.response, reason=body.reason,
-                instruction=body.instruction, input=body.input, prompt=prompt, details=body.details)
+            report_id = await self.reports.add.remote(dict(
+                model=body.model or self.model_id, response=body.response, reason=body.reason,
+                instruction=body.instruction, input=body.input, prompt=prompt, details=body.details))
             self.metrics.inc("reports_total")
             self._done("reports", 200, started)
             return {"id": report_id, "object": "report"}
@@ -341,7 +379,7 @@ class AlpacaServer:
         async def work(started):
             if not 1 <= limit <= 10000 or offset < 0:
                 raise APIError(400, "limit must be in 1..10000 and offset >= 0", param="limit")
-            rows = await asyncio.to_thread(self.reports.list, limit, offset)
+            rows = await self.reports.list.remote(limit, offset)
             self._done("reports", 200, started)
             return {"object": "list", "data": rows}
         return await self._guarded("reports", request, work)
@@ -367,7 +405,10 @@ def build_app(args: dict | ServeConfig) -> Application:
         options["autoscaling_config"] = config.autoscaling
     else:
         options["num_replicas"] = config.num_replicas
-    return AlpacaServer.options(**options).bind(config_to_dict(config), api_key_hash(config))
+    if config.max_replicas_per_node is not None:
+        options["max_replicas_per_node"] = config.max_replicas_per_node
+    writer = ReportsWriter.bind(config.reports_db)  # Serve hands the replicas a DeploymentHandle to it
+    return AlpacaServer.options(**options).bind(config_to_dict(config), api_key_hash(config), writer)
 
 
 def app_url(config: ServeConfig) -> str:
@@ -391,36 +432,31 @@ def wait_healthy(url: str, timeout_s: float) -> None:
                     "already runs on this cluster with another HTTP port, pass that port as --port")
 
 
-def _running_http_options() -> tuple[str, int] | None:
-    """Host and port of the Serve proxy already configured on this cluster (None if unknown)."""
-    try:  # a private accessor of Ray 2.60; only used to report the right URL
-        from ray.serve.context import _get_global_client
-
-        http = _get_global_client().http_config
-        return str(http.host), int(http.port)
-    except Exception:  # noqa: BLE001
-        return None
+def _proxy_differs(config: ServeConfig, url: str) -> bool:
+    """Whether the app's real URL shows a proxy bound otherwise than ``config`` asks."""
+    actual = urlparse(url)
+    if actual.port != config.port:
+        return True
+    if config.host in ("0.0.0.0", "::"):  # every interface asked for: only a loopback-bound proxy differs
+        return actual.hostname in ("127.0.0.1", "localhost", "::1")
+    return actual.hostname != config.host
 
 
 def deploy(config: ServeConfig) -> str:
     """Deploy the app on the current Ray cluster (starting Serve if needed); return its base URL when healthy."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init()
+    ensure_ray()
     app = build_app(config)  # before serve.start, so a bad config fails without side effects
-    serve.start(http_options={"host": config.host, "port": config.port})
+    serve.start(proxy_location=config.proxy_location, http_options={"host": config.host, "port": config.port})
     try:
         serve.run(app, name=config.app_name, route_prefix=config.route_prefix, blocking=False)
     except RuntimeError as err:  # a replica failed to start (e.g. the model would not load): say why, briefly
         raise UserError(f"deploying app {config.app_name!r} failed:\n{str(err)[-2000:]}") from None
-    url = app_url(config)
-    running = _running_http_options()
-    if running and (running[0], running[1]) != (config.host, config.port):
-        # Serve was already running here with other HTTP options: the app is served on those
-        print(f"note: Serve already runs on this cluster at {running[0]}:{running[1]}; "
-              f"--host/--port {config.host}:{config.port} are not applied", flush=True)
-        url = app_url(config_from_dict(ServeConfig, {**config_to_dict(config), "host": running[0],
-                                                     "port": running[1]}))
+    # The controller knows the real URL: Serve may already have been running with other HTTP options (one
+    # proxy configuration per cluster), and a wildcard bind is shown as an address of a node with a proxy.
+    running = serve_app_url(config.app_name)
+    url = running + "/" if running else app_url(config)
+    if running and _proxy_differs(config, url):
+        print(f"note: Serve already runs on this cluster with other HTTP options; the app is at {url} "
+              f"(--host/--port {config.host}:{config.port} are not applied)", flush=True)
     wait_healthy(url, config.ready_timeout_s)
     return url

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
-import threading
 
+from alpaca_ray.cluster.ray_cluster import ensure_ray
+from alpaca_ray.cluster.services import wait_for_stop_signal
 from alpaca_ray.config import UserError, config_from_args, make_parser, run_cli
 from alpaca_ray.serve.config import ServeConfig, api_key_hash, resolve_config
 
@@ -17,18 +17,15 @@ def serve_model(config: ServeConfig) -> str:
     """Deploy the app; with ``blocking``, stay until SIGINT/SIGTERM and then delete it. Returns the URL."""
     config = resolve_config(config)  # bad paths and a missing key fail here, before any cluster is touched
     api_key_hash(config)
-    import ray
-
-    if not ray.is_initialized():
-        if config.blocking:
-            ray.init()
-        else:
-            # a cluster started by this process would die with it, taking the app along
-            try:
-                ray.init(address=os.environ.get("RAY_ADDRESS", "auto"))
-            except ConnectionError as err:
-                raise UserError("--no-blocking needs a running Ray cluster to leave the app on (start one with "
-                                f"'ray start --head' or set RAY_ADDRESS): {err}") from None
+    if config.blocking:
+        ensure_ray()  # RAY_ADDRESS's cluster, else a local one that lives as long as this process
+    else:
+        # a cluster started by this process would die with it, taking the app along: join a running one
+        try:
+            ensure_ray(os.environ.get("RAY_ADDRESS") or "auto")
+        except ConnectionError as err:
+            raise UserError("--no-blocking needs a running Ray cluster to leave the app on (start one with "
+                            f"'ray start --head' or set RAY_ADDRESS): {err}") from None
     from ray import serve
 
     from alpaca_ray.serve.app import deploy
@@ -41,12 +38,7 @@ def serve_model(config: ServeConfig) -> str:
           flush=True)
     if not config.blocking:
         return url
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
-    print("press Ctrl-C to stop", flush=True)
-    while not stop.wait(1.0):
-        pass
+    wait_for_stop_signal(on_ready=lambda: print("press Ctrl-C to stop", flush=True))
     print(f"stopping: deleting app {config.app_name!r}", flush=True)
     serve.delete(config.app_name)
     return url
@@ -83,7 +75,7 @@ def reports_main(argv: list[str] | None = None) -> int:
         if args.output:
             with open(args.output, "w", encoding="utf-8", newline="") as handle:
                 handle.write(text)
-            print(f"wrote {ReportStore(args.db).count()} report(s) to {args.output}", file=sys.stderr)
+            print(f"wrote {ReportStore(args.db, create=False).count()} report(s) to {args.output}", file=sys.stderr)
         else:
             sys.stdout.write(text)
         return 0

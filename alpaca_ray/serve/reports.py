@@ -1,7 +1,8 @@
-"""The demo's report store: one SQLite file in WAL mode, safe for concurrent writers.
+"""The demo's report store: a table on :class:`~alpaca_ray.cluster.sqlite_store.SQLiteStore`.
 
-Each write opens its own short transaction with a generous busy timeout, so reports sent at the same
-time by many users (or by several replicas on one machine) queue on SQLite's lock instead of being lost.
+In the Serve app only the single-replica ``ReportsWriter`` deployment opens it (the API replicas call that
+deployment), so reports taken by replicas on different nodes end up in one file. SQLiteStore adds the
+per-call transactions, busy timeout and the journal mode that suits the filesystem the file is on.
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ import csv
 import io
 import json
 import os
-import sqlite3
 import time
-from collections.abc import Iterator
-from contextlib import closing, contextmanager
+
+from alpaca_ray.cluster import storage
+from alpaca_ray.cluster.sqlite_store import JournalMode, SQLiteStore, remote_path_message
+from alpaca_ray.config import UserError
 
 #: The reasons a user can pick on the demo page (plus free text).
 REPORT_REASONS = ("harmful", "incorrect", "offensive", "privacy", "other")
@@ -35,29 +37,23 @@ CREATE TABLE IF NOT EXISTS reports (
 
 
 class ReportStore:
-    """Reports in a SQLite file: ``add`` one, ``list`` them back, ``export`` as JSONL or CSV."""
+    """Reports in a SQLite file: ``add`` one, ``list`` them back, ``count`` them.
 
-    def __init__(self, path: str, busy_timeout_s: float = 30.0):
-        self.path = os.path.abspath(path)
-        self.busy_timeout_s = busy_timeout_s
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        with self._connect() as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute(_SCHEMA)
+    ``create=False`` opens a database someone else writes (the export CLI): no schema, no journal change.
+    """
 
-    @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        with closing(sqlite3.connect(self.path, timeout=self.busy_timeout_s)) as db:
-            db.row_factory = sqlite3.Row
-            with db:  # one transaction: committed on success, rolled back on error
-                yield db
+    def __init__(self, path: str, busy_timeout_s: float = 30.0, *, journal_mode: JournalMode | None = None,
+                 create: bool = True):
+        self.db = SQLiteStore(path, _SCHEMA, busy_timeout_s=busy_timeout_s, journal_mode=journal_mode,
+                              create=create)
+        self.path = self.db.path
 
     def add(self, *, model: str, response: str, reason: str, instruction: str = "", input: str = "",  # noqa: A002
             prompt: str = "", details: str = "", when: float | None = None) -> int:
         """Store one report; returns its id. ``reason`` must be one of :data:`REPORT_REASONS`."""
         if reason not in REPORT_REASONS:
             raise ValueError(f"reason must be one of {', '.join(REPORT_REASONS)}; got {reason!r}")
-        with self._connect() as db:
+        with self.db.write() as db:
             cursor = db.execute(
                 "INSERT INTO reports (time, model, instruction, input, prompt, response, reason, details) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -67,21 +63,23 @@ class ReportStore:
 
     def list(self, limit: int | None = None, offset: int = 0) -> list[dict]:
         """Reports, oldest first."""
-        with self._connect() as db:
+        with self.db.read() as db:
             rows = db.execute("SELECT * FROM reports ORDER BY id LIMIT ? OFFSET ?",
                               (-1 if limit is None else limit, offset)).fetchall()
         return [dict(row) for row in rows]
 
     def count(self) -> int:
-        with self._connect() as db:
+        with self.db.read() as db:
             return int(db.execute("SELECT COUNT(*) FROM reports").fetchone()[0])
 
 
 def export_reports(db_path: str, fmt: str) -> str:
     """All reports of ``db_path`` as JSONL or CSV text."""
+    if storage.is_remote(db_path):  # before the existence check, which would only say "no such database"
+        raise UserError(remote_path_message(db_path, "report database"))
     if not os.path.exists(db_path):
         raise FileNotFoundError(f"{db_path}: no such report database")
-    reports = ReportStore(db_path).list()
+    reports = ReportStore(db_path, create=False).list()
     if fmt == "jsonl":
         return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in reports)
     if fmt == "csv":

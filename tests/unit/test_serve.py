@@ -1,15 +1,23 @@
-"""Serve stage, pure parts: config, OpenAI wire format, reports store, content filter, metrics, CLIs."""
+"""Serve stage, pure parts: config, OpenAI wire format, reports store, content filter, metrics, CLIs.
+
+Also the cluster services serve relies on: the stop-signal wait (a real child process, real signals) and
+reading an app's URL from Serve's details.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 
 import pytest
 
+from alpaca_ray.cluster.services import app_url_from_details
 from alpaca_ray.config import ConfigError, UserError
 from alpaca_ray.prompts import format_prompt
 from alpaca_ray.serve.config import ServeConfig
@@ -27,6 +35,18 @@ def test_config_collects_every_problem():
     message = str(err.value)
     for field in ("model is required", "port", "route_prefix", "watermark_gamma", "max_batch_size"):
         assert field in message
+
+
+def test_cluster_fields_are_validated():
+    with pytest.raises(ConfigError) as err:
+        ServeConfig(model="m", max_replicas_per_node=0, proxy_location="Nowhere", reports_db="s3://bucket/r.db")
+    message = str(err.value)
+    assert "max_replicas_per_node must be an integer in 1..100" in message
+    assert "proxy_location must be EveryNode or HeadOnly" in message
+    assert "reports_db s3://bucket/r.db: SQLite needs a POSIX filesystem" in message
+    config = ServeConfig(model="m", max_replicas_per_node=1, proxy_location="HeadOnly")
+    assert (config.max_replicas_per_node, config.proxy_location) == (1, "HeadOnly")
+    assert ServeConfig(model="m").max_replicas_per_node is None  # no limit unless asked
 
 
 def test_model_id_names_the_training_run_for_a_final_dir(tmp_path):
@@ -96,6 +116,9 @@ def test_reports_export_formats_and_cli(tmp_path):
     assert "1 report(s)" in result.stderr and list(csv.DictReader(out.open()))[0]["model"] == "m"
     missing = run_cli(["reports", "export", "--db", str(tmp_path / "nope.db")])
     assert missing.returncode == 2 and "no such report database" in missing.stderr
+    assert not (tmp_path / "nope.db").exists()  # reading never creates a database
+    with pytest.raises(UserError, match="SQLite needs a POSIX filesystem"):
+        export_reports("s3://bucket/reports.db", "jsonl")
 
 
 def test_term_filter_flags_bundled_and_extra_terms():
@@ -147,7 +170,8 @@ def test_config_round_trips_through_cli_flags():
     from alpaca_ray.config import config_from_args, config_to_argv, make_parser
 
     config = ServeConfig(model="m", port=8123, blocking=False, autoscaling={"min_replicas": 1, "max_replicas": 3},
-                         filter_terms=["a", "b"], api_key_env="MY_KEY")
+                         filter_terms=["a", "b"], api_key_env="MY_KEY", max_replicas_per_node=1,
+                         proxy_location="HeadOnly")
     parser = make_parser("x", "x", ServeConfig)
     assert config_from_args(ServeConfig, parser.parse_args(config_to_argv(config))) == config
 
@@ -165,3 +189,64 @@ def test_serve_cli_rejects_a_missing_model_dir_before_touching_ray(tmp_path):
     assert result.returncode == 2 and "not a model directory" in result.stderr and "Traceback" not in result.stderr
     bad = run_cli(["serve", "--model", "m", "--port", "0", "--watermark-gamma", "2"])
     assert bad.returncode == 2 and "port" in bad.stderr and "watermark_gamma" in bad.stderr
+
+
+# --- alpaca_ray.cluster.services ------------------------------------------------------------------------
+
+WAITER = """
+import signal, sys
+from alpaca_ray.cluster.services import wait_for_stop_signal
+got = wait_for_stop_signal(poll_s=0.05, on_ready=lambda: print("ready", flush=True))
+print("got", got, signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, flush=True)
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_wait_for_stop_signal_returns_on_the_signal_and_restores_handlers(repo_root, signum):
+    child = subprocess.Popen([sys.executable, "-c", WAITER], cwd=repo_root, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"  # handlers installed: the signal is safe to send
+        child.send_signal(signum)
+        out, _ = child.communicate(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == 0 and out.split() == ["got", str(int(signum)), "True"]
+
+
+DETAILS = {
+    "proxy_location": "EveryNode",
+    "http_options": {"host": "0.0.0.0", "port": 8123},
+    "proxies": {"n1": {"node_ip": "10.0.0.5"}, "n2": {"node_ip": "10.0.0.7"}},
+    "applications": {"alpaca-ray": {"route_prefix": "/"}, "evaluate": {"route_prefix": "/evaluate/"},
+                     "batch-only": {"route_prefix": None}},
+}
+
+
+def test_app_url_from_serve_details():
+    assert app_url_from_details(DETAILS, "alpaca-ray", "head.example") == "http://head.example:8123"
+    assert app_url_from_details(DETAILS, "evaluate", "h") == "http://h:8123/evaluate"
+    # a wildcard bind: this node's IP when it runs a proxy, else a node that does
+    assert app_url_from_details(DETAILS, "alpaca-ray", local_ip="10.0.0.7") == "http://10.0.0.7:8123"
+    assert app_url_from_details(DETAILS, "alpaca-ray", local_ip="10.0.0.9") == "http://10.0.0.5:8123"
+    loopback = {**DETAILS, "http_options": {"host": "127.0.0.1", "port": 9000}}
+    assert app_url_from_details(loopback, "alpaca-ray", local_ip="10.0.0.7") == "http://127.0.0.1:9000"
+    unset = {**DETAILS, "http_options": {}}  # Serve leaves its defaults out of the details
+    assert app_url_from_details(unset, "evaluate") == "http://127.0.0.1:8000/evaluate"
+    ipv6 = {**DETAILS, "http_options": {"host": "::1", "port": 8000}}
+    assert app_url_from_details(ipv6, "alpaca-ray") == "http://[::1]:8000"
+    assert app_url_from_details(DETAILS, "not-deployed", "h") is None
+    assert app_url_from_details(DETAILS, "batch-only", "h") is None  # no HTTP route
+    assert app_url_from_details({**DETAILS, "proxy_location": "Disabled"}, "alpaca-ray", "h") is None
+
+
+def test_deploy_notes_a_proxy_bound_otherwise_than_asked():
+    from alpaca_ray.serve.app import _proxy_differs
+
+    asked = ServeConfig(model="m", host="127.0.0.1", port=8000)
+    assert not _proxy_differs(asked, "http://127.0.0.1:8000/")
+    assert _proxy_differs(asked, "http://127.0.0.1:8123/")  # Serve already ran on another port
+    assert _proxy_differs(asked, "http://10.0.0.5:8000/")  # ...or bound every interface
+    everywhere = ServeConfig(model="m", host="0.0.0.0", port=8000)
+    assert not _proxy_differs(everywhere, "http://10.0.0.5:8000/")  # a wildcard bind, shown as a node's IP
+    assert _proxy_differs(everywhere, "http://127.0.0.1:8000/")  # asked for every interface, got loopback
