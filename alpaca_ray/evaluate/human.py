@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field
 from ray import serve
 
 from alpaca_ray.cluster.ray_cluster import ensure_ray
-from alpaca_ray.cluster.services import serve_app_url, wait_for_stop_signal  # noqa: F401 (run_human's wait)
+from alpaca_ray.cluster.services import serve_app_url
 from alpaca_ray.evaluate.ratings import RatingStore
 
 PAGE = """<!doctype html>

@@ -16,6 +16,7 @@ import uuid
 
 from alpaca_ray.cluster.preflight import finish, preflight_stage
 from alpaca_ray.cluster.ray_cluster import ensure_ray
+from alpaca_ray.cluster.services import wait_for_stop_signal
 from alpaca_ray.config import UserError, config_to_dict
 from alpaca_ray.evaluate import collect, judge, report
 from alpaca_ray.evaluate.config import BUNDLED_EVAL_SET, EvaluateConfig
@@ -277,7 +278,7 @@ def run_human(config: EvaluateConfig) -> str:
     if not config.blocking:
         return url
     log("rate in the browser; press Ctrl-C to stop and write the report")
-    human.wait_for_stop_signal()
+    wait_for_stop_signal()
     from ray import serve
 
     serve.delete(config.app_name)

@@ -28,6 +28,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from alpaca_ray.cluster import storage
+from alpaca_ray.cluster.services import deployed_app_url
 from alpaca_ray.config import UserError, config_from_dict, config_to_argv
 from alpaca_ray.pipeline.config import (
     INPUT_PATH_FIELDS,
@@ -456,19 +457,6 @@ def use_token_auth_if_available() -> None:
     except ImportError:
         return
     maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-
-
-def deployed_app_url(address: str, app_name: str, host: str, headers: dict | None = None) -> str | None:
-    """The URL Serve really serves ``app_name`` at (its proxy may run on another port than asked for)."""
-    try:
-        from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
-
-        details = ServeSubmissionClient(address, headers=headers or None).get_serve_details()
-        port = details["http_options"]["port"]
-        prefix = details["applications"][app_name]["route_prefix"] or "/"
-    except Exception:  # noqa: BLE001 - an older/newer dashboard: fall back to the configured URL
-        return None
-    return f"http://{host}:{port}{prefix.rstrip('/')}"
 
 
 class PipelineRunner:
