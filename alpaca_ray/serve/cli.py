@@ -7,10 +7,20 @@ import json
 import os
 import sys
 
+from alpaca_ray.cluster.preflight import finish, preflight_stage
 from alpaca_ray.cluster.ray_cluster import ensure_ray
 from alpaca_ray.cluster.services import wait_for_stop_signal
-from alpaca_ray.config import UserError, config_from_args, make_parser, run_cli
+from alpaca_ray.config import UserError, config_from_args, config_to_dict, make_parser, run_cli
 from alpaca_ray.serve.config import ServeConfig, api_key_hash, resolve_config
+
+
+def serve_model_root(model: str) -> str | None:
+    """The directory holding a model given as a path or URI (what replicas read), None for a hub name."""
+    from alpaca_ray.cluster import storage
+
+    if storage.is_remote(model) or os.path.isabs(model):
+        return storage.dirname(model.rstrip("/"))
+    return None
 
 
 def serve_model(config: ServeConfig) -> str:
@@ -29,6 +39,11 @@ def serve_model(config: ServeConfig) -> str:
     from ray import serve
 
     from alpaca_ray.serve.app import deploy
+
+    model_root = serve_model_root(config.model)
+    if model_root:  # every node a replica may start on must see the model's files
+        finish(preflight_stage("serve", model_root, config_to_dict(config),
+                               say=lambda line: print(line, file=sys.stderr, flush=True)))
 
     if config.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key_env:
         print(f"warning: binding {config.host} without an API key: anyone who can reach this port can use the "
