@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass
 from typing import Literal
 
+from alpaca_ray.cluster import storage
+from alpaca_ray.cluster.sqlite_store import remote_path_message
 from alpaca_ray.config import UserError, config_from_dict, config_to_dict, option, validate
 
 
@@ -14,8 +16,9 @@ from alpaca_ray.config import UserError, config_from_dict, config_to_dict, optio
 class ServeConfig:
     """How to serve a model on Ray Serve: the OpenAI-compatible API, the demo page and its safety features."""
 
-    model: str = option("", "model to serve: a local HF model dir (e.g. the train stage's OUTPUT/final) "
-                            "or a Hugging Face hub name")
+    model: str = option("", "model to serve: a local HF model dir (e.g. the train stage's OUTPUT/final), "
+                            "an s3:// or gs:// URI of one (each replica caches it on its node), or a Hugging "
+                            "Face hub name")
     host: str = option("127.0.0.1", "address Serve's HTTP proxy binds; keep the loopback default unless "
                                     "an API key protects the API")
     port: int = option(8000, "port of Serve's HTTP proxy (one per Ray cluster)")
@@ -58,6 +61,11 @@ class ServeConfig:
     watermark_z_threshold: float = option(4.0, "z-score above which text is called watermarked "
                                                "(4.0: one-sided false-positive rate about 3e-5)")
     ready_timeout_s: float = option(600.0, "how long to wait for the app to become healthy")
+    max_replicas_per_node: int | None = option(None, "most model replicas Serve places on one node (1 spreads "
+                                                     "the replicas over distinct nodes; default: no limit)")
+    proxy_location: Literal["EveryNode", "HeadOnly"] = option(
+        "EveryNode", "where Serve runs HTTP proxies: on every node with a replica, or only on the head "
+                     "(applies when this starts Serve; a running Serve keeps its own)")
 
     def __post_init__(self) -> None:
         validate(self, [
@@ -78,6 +86,12 @@ class ServeConfig:
             (self.watermark_delta >= 0, "watermark_delta must be >= 0"),
             (self.watermark_z_threshold > 0, "watermark_z_threshold must be > 0"),
             (self.ready_timeout_s > 0, "ready_timeout_s must be > 0"),
+            (self.max_replicas_per_node is None or (type(self.max_replicas_per_node) is int  # not a bool
+                                                    and 1 <= self.max_replicas_per_node <= 100),
+             f"max_replicas_per_node must be an integer in 1..100 (Ray Serve's limit), got {self.max_replicas_per_node!r}"),
+            (self.proxy_location in ("EveryNode", "HeadOnly"),
+             f"proxy_location must be EveryNode or HeadOnly, got {self.proxy_location!r}"),
+            (not storage.is_remote(self.reports_db), remote_path_message(self.reports_db, "reports_db")),
             (not (self.engine == "vllm" and self.watermark),
              "the watermark needs the transformers engine (--engine transformers or auto)"),
         ])
@@ -87,6 +101,9 @@ class ServeConfig:
         """The model name clients pass as ``model`` (and /v1/models lists)."""
         if self.served_model_name:
             return self.served_model_name
+        if storage.is_remote(self.model):  # an exported model on an object store: named like a local one
+            name, parent = storage.basename(self.model), storage.basename(storage.dirname(self.model))
+            return parent if name == "final" and parent else name
         path = self.model.rstrip("/")
         if os.path.isdir(path):
             name = os.path.basename(path)
@@ -103,6 +120,18 @@ def hash_key(key: str) -> str:
 def resolve_config(config: ServeConfig) -> ServeConfig:
     """Make local paths absolute, since replicas do not share the caller's working directory."""
     values = config_to_dict(config)
+    if storage.is_remote(config.model):
+        # Replicas copy the model to their own node's disk (storage.cached_local_copy); check it is there now.
+        config_uri = storage.join(config.model, "config.json")
+        try:
+            found = storage.exists(config_uri)
+        except OSError as err:
+            raise UserError(f"--model {config.model}: cannot reach it: {err}") from None
+        if not found:
+            raise UserError(f"--model {config.model}: not a model directory (no {config_uri}); give the train "
+                            "stage's OUTPUT/final on the object store")
+        if not config.served_model_name:
+            values["served_model_name"] = config.model_id
     model = os.path.expanduser(config.model)
     looks_local = config.model.startswith(("/", "./", "../", "~")) or os.path.exists(model)
     if looks_local and not os.path.isfile(os.path.join(model, "config.json")):

@@ -55,6 +55,15 @@ class GenerationEngine(Protocol):
     def stats(self) -> dict: ...
 
 
+def local_model_path(model: str) -> str:
+    """Where this process loads ``model`` from: an object-store URI (the train stage's ``final/`` on s3://,
+    gs://) is first copied to this node's disk cache, once per node and model version (see
+    :func:`alpaca_ray.cluster.storage.cached_local_copy`); a local path or hub name is returned unchanged."""
+    from alpaca_ray.cluster import storage
+
+    return storage.cached_local_copy(model) if storage.is_remote(model) else model
+
+
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
                 generator: torch.Generator | None) -> int:
     """One token from one row of logits: greedy at temperature 0, else temperature + nucleus sampling."""
@@ -103,6 +112,8 @@ class TransformersEngine:
         torch_dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
                        "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
         self.device = device
+        model_path = local_model_path(model_path)
+        self.model_path = model_path  # the local copy actually loaded
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype).to(device).eval()
         config = self.model.config
@@ -268,6 +279,8 @@ class VLLMEngine:
     def __init__(self, model_path: str, dtype: str = "auto", max_batch_size: int = 256):
         from vllm import AsyncEngineArgs, AsyncLLMEngine
 
+        model_path = local_model_path(model_path)
+        self.model_path = model_path
         args = AsyncEngineArgs(model=model_path, dtype=dtype, max_num_seqs=max_batch_size)
         self.engine = AsyncLLMEngine.from_engine_args(args)
         from transformers import AutoConfig, AutoTokenizer

@@ -83,7 +83,8 @@ def export_final(model, tokenizer, out_dir: str, base_dtype, metadata: dict, ran
              for name, tensor in state.items()}
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
-    local = out_dir if not storage.is_remote(out_dir) else tempfile.mkdtemp(prefix="alpaca-ray-final-")
+    # An object store gets the model written to a local temp dir first, then uploaded as one tree.
+    local = out_dir if storage.is_posix(out_dir) else tempfile.mkdtemp(prefix="alpaca-ray-final-")
     os.makedirs(local, exist_ok=True)
     config = model.config
     config.dtype = base_dtype
@@ -95,7 +96,9 @@ def export_final(model, tokenizer, out_dir: str, base_dtype, metadata: dict, ran
     with open(os.path.join(local, "alpaca_ray.json"), "w") as handle:
         json.dump(metadata, handle, indent=2)
     if local != out_dir:
-        from pyarrow import fs
-
-        fs.copy_files(local, out_dir)
-        shutil.rmtree(local, ignore_errors=True)
+        try:
+            # Files of an earlier export (say, more weight shards) would otherwise stay next to this one.
+            storage.remove(out_dir)
+            storage.upload_dir(local, out_dir)
+        finally:
+            shutil.rmtree(local, ignore_errors=True)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from alpaca_ray.config import option, validate
+
+PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_SPREAD"]
+PLACEMENT_STRATEGIES: tuple[str, ...] = get_args(PlacementStrategy)
 
 #: Alpaca trained with a per-device batch of 4 (4 GPUs x 4 x 8 accumulation steps = 128).
 DEFAULT_MAX_MICRO_BATCH = 4
@@ -17,7 +20,8 @@ class TrainConfig:
 
     base_model: str = option("", "base model: a Hugging Face hub name or a local directory (required)")
     data: str = option("", "training data: an Alpaca JSON/JSONL/Parquet file or a `datasets` hub name (required)")
-    output: str = option("", "output directory: final/, metrics.jsonl, loss.png, checkpoints (required)")
+    output: str = option("", "output directory or object-store URI (s3://, gs://): final/, metrics.jsonl, "
+                             "loss.png, checkpoints; on a cluster, a root every node reaches (required)")
     num_workers: int = option(2, "Ray Train workers (one per GPU with --use-gpu)")
     use_gpu: bool = option(False, "train on GPUs (NCCL) instead of CPUs (gloo)")
     epochs: int = option(3, "passes over the training data")
@@ -53,6 +57,10 @@ class TrainConfig:
     storage_path: str = option("", "Ray Train storage for checkpoints (default: OUTPUT/ray_results; use a "
                                    "shared path or s3:// URI on a multi-node cluster)")
     cpus_per_worker: int = option(1, "CPUs reserved per worker")
+    placement_strategy: PlacementStrategy = option(
+        "PACK", "how Ray places the workers over nodes (ScalingConfig.placement_strategy): PACK fills as few "
+                "nodes as it can; SPREAD puts ranks on different nodes where it can; STRICT_SPREAD requires "
+                "one rank per node")
     log_every: int = option(1, "write a metrics record every this many steps")
 
     def __post_init__(self) -> None:
@@ -77,6 +85,8 @@ class TrainConfig:
             (self.max_failures >= 0, f"max_failures must be >= 0, got {self.max_failures}"),
             (self.cpus_per_worker >= 1, f"cpus_per_worker must be >= 1, got {self.cpus_per_worker}"),
             (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
+            (self.placement_strategy in PLACEMENT_STRATEGIES,  # a config file bypasses argparse's choices
+             f"placement_strategy must be one of {', '.join(PLACEMENT_STRATEGIES)}, got {self.placement_strategy!r}"),
             *batch_size_checks(self.global_batch_size, self.num_workers, self.micro_batch_size),
         ])
 

@@ -5,8 +5,8 @@ nanoGPT-plain on purpose: one function reads top to bottom, and one optimizer st
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import time
 
 from alpaca_ray.cluster import storage
@@ -58,31 +58,26 @@ def batch_token_counts(micro_batches, examples: dict[int, Example], packed: bool
     return real, computed, labels
 
 
-def append_metrics(path: str, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record) + "\n")
+def parse_metrics(text: str) -> list[dict]:
+    """The records of a ``metrics.jsonl`` text, one JSON object a line."""
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def truncate_metrics(path: str, start_step: int) -> None:
     """On resume, drop records of steps the resumed run will redo, so each step appears once."""
-    if not os.path.exists(path):
+    if not storage.exists(path):
         return
-    with open(path, encoding="utf-8") as handle:
-        records = [json.loads(line) for line in handle if line.strip()]
-    with open(path, "w", encoding="utf-8") as handle:
-        for record in records:
-            if record.get("step", 0) <= start_step:
-                handle.write(json.dumps(record) + "\n")
+    kept = [r for r in parse_metrics(storage.read_text(path)) if r.get("step", 0) <= start_step]
+    storage.write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
-def plot_loss(metrics_path: str, png_path: str) -> None:
+def plot_loss(records: list[dict], png_path: str) -> None:
+    """Train and eval loss against step, as a PNG written to ``png_path`` (a path or a URI)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(metrics_path, encoding="utf-8") as handle:
-        records = [json.loads(line) for line in handle if line.strip()]
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -95,8 +90,10 @@ def plot_loss(metrics_path: str, png_path: str) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
+    image = io.BytesIO()  # rendered in memory, then written through storage: the root may be an object store
+    fig.savefig(image, format="png", dpi=100)
     plt.close(fig)
+    storage.write_bytes(png_path, image.getvalue())
 
 
 def evaluate(model, eval_examples: dict[int, Example], cfg: TrainConfig, micro: int, pad_id: int, packed: bool,
@@ -165,11 +162,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
     state = restore(model, optimizer)
     start_step = state["step"] if state else 0
 
+    # Rank 0 writes every file of the run to the storage root (a shared path or an object store): its node
+    # may be gone when anyone reads them.
     output = cfg.output
-    metrics_path = storage.join(output, "metrics.jsonl")
+    metrics: storage.AppendLog | None = None
     if rank == 0:
-        os.makedirs(output, exist_ok=True)
+        storage.makedirs(output)
+        metrics_path = storage.join(output, "metrics.jsonl")
         truncate_metrics(metrics_path, start_step)
+        metrics = storage.AppendLog(metrics_path)
         if state:
             print(f"resumed from checkpoint at step {start_step}/{plan.total_steps}", flush=True)
     progress = tqdm(total=last_step, initial=start_step, desc="train", disable=rank != 0, mininterval=1.0)
@@ -203,20 +204,23 @@ def train_loop_per_worker(loop_config: dict) -> None:
                   "time_s": elapsed}
         progress.update(1)
         progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
-        if rank == 0 and (step + 1) % cfg.log_every == 0:
-            append_metrics(metrics_path, record)
+        if metrics is not None and (step + 1) % cfg.log_every == 0:
+            metrics.append(json.dumps(record) + "\n")
 
         done = step + 1 == last_step
         if eval_examples and (step + 1 in epoch_ends or done):
             eval_loss = evaluate(model, eval_examples, cfg, micro, pad_id, packed, rank, world, device, flatten)
             record["eval_loss"] = eval_loss
-            if rank == 0:
-                append_metrics(metrics_path, {"step": step + 1, "epoch": epoch, "eval_loss": eval_loss})
+            if metrics is not None:
+                metrics.append(json.dumps({"step": step + 1, "epoch": epoch, "eval_loss": eval_loss}) + "\n")
                 tqdm.write(f"epoch {epoch} step {step + 1}: eval loss {eval_loss:.4f}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 in epoch_ends or done:
+            if metrics is not None:
+                # Before the checkpoint exists: a run resumed from it then finds every record up to it.
+                metrics.flush()
             save_and_report(model, optimizer, {"step": step + 1, "epoch": epoch}, record, rank)
-            if rank == 0:
-                plot_loss(metrics_path, storage.join(output, "loss.png"))
+            if metrics is not None:
+                plot_loss(parse_metrics(metrics.text()), storage.join(output, "loss.png"))
     progress.close()
 
     metadata = {"prompt_template": TEMPLATE_NAME, "base_model": cfg.base_model,
@@ -224,6 +228,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 "total_steps": plan.total_steps, "packing": packed}
     export_final(model, tokenizer, storage.join(output, "final"), getattr(torch, loop_config["base_dtype"]),
                  metadata, rank)
-    if rank == 0 and os.path.exists(metrics_path):
-        plot_loss(metrics_path, storage.join(output, "loss.png"))
+    if metrics is not None:
+        metrics.flush()
+        plot_loss(parse_metrics(metrics.text()), storage.join(output, "loss.png"))
     dist.barrier()

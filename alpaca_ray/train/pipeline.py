@@ -9,13 +9,12 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
 import sys
 from dataclasses import dataclass, field, replace
 
 from alpaca_ray.cluster import storage
-from alpaca_ray.config import UserError, config_to_dict
 from alpaca_ray.cluster.ray_cluster import ensure_ray
+from alpaca_ray.config import UserError, config_to_dict
 from alpaca_ray.records import load_records
 from alpaca_ray.train.config import TrainConfig
 
@@ -105,14 +104,13 @@ def check_run_dir(cfg: TrainConfig) -> bool:
         raise UserError(f"{run_dir} holds checkpoints of an earlier run: pass --resume to continue it, "
                         "or choose another --output")
     if has_checkpoint and storage.exists(saved_config_path):
-        with storage.open_text(saved_config_path) as handle:
-            saved = json.load(handle)
+        saved = json.loads(storage.read_text(saved_config_path))
         changed = [f"{k}: {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in PLAN_FIELDS
                    if k in saved and saved[k] != config_to_dict(cfg)[k]]
         if changed:
             raise UserError("cannot resume with a different data order or schedule; changed: " + "; ".join(changed))
-    if not has_checkpoint and storage.exists(run_dir) and not storage.is_remote(run_dir):
-        shutil.rmtree(run_dir)  # a run that died before its first checkpoint: nothing to keep
+    if not has_checkpoint and storage.exists(run_dir):
+        storage.remove(run_dir)  # a run that died before its first checkpoint: nothing to keep
     if cfg.resume and not has_checkpoint:
         print(f"--resume: no checkpoint under {run_dir}; starting from step 0", file=sys.stderr)
     return has_checkpoint
@@ -159,10 +157,11 @@ def prepare_data(cfg: TrainConfig, records: list, supports_packing: bool):
 
 def throughput_summary(metrics_path: str) -> dict:
     """Whole-run real-token share (real / computed tokens) and real tokens/s from ``metrics.jsonl``."""
-    if storage.is_remote(metrics_path) or not os.path.exists(metrics_path):
+    if not storage.exists(metrics_path):
         return {}
-    with open(metrics_path, encoding="utf-8") as handle:
-        steps = [r for r in map(json.loads, filter(str.strip, handle)) if "loss" in r]
+    from alpaca_ray.train.loop import parse_metrics
+
+    steps = [r for r in parse_metrics(storage.read_text(metrics_path)) if "loss" in r]
     if not steps:
         return {}
     real, computed = sum(r["real_tokens"] for r in steps), sum(r["computed_tokens"] for r in steps)
@@ -170,9 +169,18 @@ def throughput_summary(metrics_path: str) -> dict:
             "tokens_per_s": real / sum(r["time_s"] for r in steps)}
 
 
+def scaling_config(cfg: TrainConfig):
+    """Ray Train's ``ScalingConfig``: how many workers, what each holds, and how they spread over nodes."""
+    from ray.train import ScalingConfig
+
+    return ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                         resources_per_worker={"CPU": cfg.cpus_per_worker},
+                         placement_strategy=cfg.placement_strategy)
+
+
 def run_train(cfg: TrainConfig) -> dict:
     """Fine-tune ``cfg.base_model`` on ``cfg.data``; returns a summary (paths, counts, last metrics)."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from alpaca_ray.train.loop import train_loop_per_worker
@@ -196,8 +204,7 @@ def run_train(cfg: TrainConfig) -> dict:
               file=sys.stderr)
 
     storage.makedirs(cfg.output)
-    with storage.open_text(storage.join(cfg.output, "train_config.json"), "w") as handle:
-        json.dump(config_to_dict(cfg), handle, indent=2)
+    storage.write_text(storage.join(cfg.output, "train_config.json"), json.dumps(config_to_dict(cfg), indent=2))
     loop_config = {"train_config": config_to_dict(cfg), "packing": report.packing, "base_dtype": base_dtype,
                    "attn_implementation": choose_attention(cfg.attn_implementation, cfg.use_gpu),
                    "has_eval": eval_ds is not None}
@@ -205,8 +212,7 @@ def run_train(cfg: TrainConfig) -> dict:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        scaling_config=scaling_config(cfg),
         run_config=RunConfig(storage_path=cfg.storage_path, name=RUN_NAME,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
@@ -218,11 +224,11 @@ def run_train(cfg: TrainConfig) -> dict:
     result = trainer.fit()
     if result.error:
         raise result.error
-    summary = {**throughput_summary(storage.join(cfg.output, "metrics.jsonl")), "output": cfg.output, "final": storage.join(cfg.output, "final"),
-               "metrics": storage.join(cfg.output, "metrics.jsonl"), "resumed": has_checkpoint,
-               "data": vars(report), "last_metrics": result.metrics}
-    with storage.open_text(storage.join(cfg.output, "summary.json"), "w") as handle:
-        json.dump(summary, handle, indent=2, default=str)
+    metrics_path = storage.join(cfg.output, "metrics.jsonl")
+    summary = {**throughput_summary(metrics_path), "output": cfg.output, "final": storage.join(cfg.output, "final"),
+               "metrics": metrics_path, "resumed": has_checkpoint, "data": vars(report),
+               "last_metrics": result.metrics}
+    storage.write_text(storage.join(cfg.output, "summary.json"), json.dumps(summary, indent=2, default=str))
     if "real_token_share" in summary:
         print(f"trained {summary['steps']} steps: {summary['tokens_per_s']:.0f} real tokens/s, "
               f"real-token share {summary['real_token_share']:.1%} "
