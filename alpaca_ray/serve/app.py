@@ -38,7 +38,14 @@ from alpaca_ray.config import UserError, config_from_dict, config_to_dict
 from alpaca_ray.prompts import PROMPT_NO_INPUT, PROMPT_WITH_INPUT, format_prompt
 from alpaca_ray.serve.config import ServeConfig, api_key_hash, hash_key, resolve_config
 from alpaca_ray.serve.content_filter import REFUSAL, make_filter
-from alpaca_ray.serve.engine import Delta, SamplingParams, TransformersEngine, VLLMEngine, vllm_available
+from alpaca_ray.serve.engine import (
+    Delta,
+    SamplingParams,
+    TransformersEngine,
+    VLLMEngine,
+    local_model_path,
+    vllm_available,
+)
 from alpaca_ray.serve.metrics import Metrics
 from alpaca_ray.serve.openai_api import (
     APIError,
@@ -134,15 +141,16 @@ class AlpacaServer:
         # processor here) is wanted
         use_vllm = self.config.engine == "vllm" or (self.config.engine == "auto" and self.config.use_gpu
                                                       and not self.config.watermark and vllm_available())
-        vocab_size = watermark_vocab_size(self.config.model)  # the detector must use what the generator used
+        model_path = local_model_path(self.config.model)  # s3:// / gs://: this node's cached copy
+        vocab_size = watermark_vocab_size(model_path)  # the detector must use what the generator used
         if use_vllm:
-            self.engine = VLLMEngine(self.config.model, max_batch_size=self.config.max_batch_size)
+            self.engine = VLLMEngine(model_path, max_batch_size=self.config.max_batch_size)
         else:
             processors = []
             if self.config.watermark:
                 processors.append(WatermarkLogitsProcessor(vocab_size, self.config.watermark_gamma,
                                                            self.config.watermark_delta, self.config.watermark_key))
-            self.engine = TransformersEngine(self.config.model, device=device, dtype=self.config.dtype,
+            self.engine = TransformersEngine(model_path, device=device, dtype=self.config.dtype,
                                              max_batch_size=self.config.max_batch_size,
                                              batch_wait_timeout_s=self.config.batch_wait_timeout_s,
                                              logits_processors=processors, metrics=self.metrics)

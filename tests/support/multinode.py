@@ -210,13 +210,16 @@ class MultiNodeCluster:
         The laptop stays on the host network, so it reaches the dashboard / job API at
         :attr:`dashboard_url` like any client. ``env`` defaults to :meth:`env`.
         """
+        return subprocess.run(self.laptop_argv(argv), capture_output=True, text=True, timeout=timeout,
+                              env=self.env() if env is None else env, cwd=cwd)
+
+    def laptop_argv(self, argv: Sequence[str]) -> list[str]:
+        """``argv`` wrapped to run as the laptop (see :meth:`run_as_laptop`), for a ``Popen`` of your own."""
         # A tmpfs over the whole base directory hides the shared root, the head's node-local disk and
         # every node's temp dir at once: anything the laptop hands the cluster must go over the API.
         script = 'mount -t tmpfs -o size=16m laptop "$1" && shift && exec "$@"'
-        command = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh",
-                   str(self.base), *argv]
-        return subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                              env=self.env() if env is None else env, cwd=cwd)
+        return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh",
+                str(self.base), *argv]
 
     # ---- cluster state ------------------------------------------------------------------------------
     def nodes(self) -> list[dict]:
@@ -548,8 +551,17 @@ def _launch(node: Node) -> None:
 
 def _command(node: Node, propagation: str, script: str, script_args: list[str], ray_args: list[str]
              ) -> list[str]:
-    prefix = ["nsenter", f"--net=/var/run/netns/{node.netns}", "--"] if node.netns else []
-    return [*prefix, "unshare", "--mount", "--propagation", propagation, "--", "sh", "-c", script, "sh",
+    prefix, uts = [], []
+    if node.netns:
+        prefix = ["nsenter", f"--net=/var/run/netns/{node.netns}", "--"]
+        # A host name of its own that resolves to the node's address, as on a real cluster: this machine's
+        # name resolves to 127.0.0.1 (/etc/hosts), and libraries that bind "this host's address" (Gloo,
+        # for one) would otherwise all pick loopback and never reach each other across nodes.
+        hosts = node.temp_dir.parent / f"hosts-{node.name}"
+        hosts.write_text(f"127.0.0.1 localhost\n{node.ip} {node.name}\n")
+        script = f'hostname {node.name} && mount --bind {hosts} /etc/hosts && {script}'
+        uts = ["--uts"]
+    return [*prefix, "unshare", "--mount", *uts, "--propagation", propagation, "--", "sh", "-c", script, "sh",
             *script_args, sys.executable, "-m", "ray.scripts.scripts", "start", "--block", *ray_args]
 
 
