@@ -132,6 +132,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from alpaca_ray.train.checkpoint import export_final, restore, save_and_report
     from alpaca_ray.train.model import load_model, load_tokenizer, shard_model
 
+    if loop_config.get("node_check") is not None:  # a node started after the preflight: check it first
+        loop_config["node_check"].verify()
     cfg = TrainConfig(**loop_config["train_config"])
     packed, attn = loop_config["packing"], loop_config["attn_implementation"]
     flatten = packed and attn.startswith("flash")

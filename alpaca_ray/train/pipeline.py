@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass, field, replace
 
 from alpaca_ray.cluster import storage
+from alpaca_ray.cluster.preflight import finish, preflight_stage
 from alpaca_ray.cluster.ray_cluster import ensure_ray
 from alpaca_ray.config import UserError, config_to_dict
 from alpaca_ray.records import load_records
@@ -192,6 +193,10 @@ def run_train(cfg: TrainConfig) -> dict:
     has_checkpoint = check_run_dir(cfg)
     # A new local cluster gets enough logical CPUs for the workers plus Ray Data, even on a small machine.
     ensure_ray(local_num_cpus=max(os.cpu_count() or 1, cfg.num_workers * cfg.cpus_per_worker + 2))
+    # On a cluster: every node sees the root the checkpoints, metrics and final/ go to (and has HF_TOKEN
+    # where the ranks download a gated model) before any GPU is spent.
+    node_check = preflight_stage("train", cfg.output, config_to_dict(cfg),
+                                 say=lambda line: print(line, file=sys.stderr, flush=True))
     train_ds, eval_ds, report = prepare_data(cfg, records, can_pack)
     print(f"data: {report.examples} examples, {report.train} train / {report.eval} eval, "
           f"{report.truncated} truncated to max_length={cfg.max_length}, {report.dropped} dropped "
@@ -207,7 +212,7 @@ def run_train(cfg: TrainConfig) -> dict:
     storage.write_text(storage.join(cfg.output, "train_config.json"), json.dumps(config_to_dict(cfg), indent=2))
     loop_config = {"train_config": config_to_dict(cfg), "packing": report.packing, "base_dtype": base_dtype,
                    "attn_implementation": choose_attention(cfg.attn_implementation, cfg.use_gpu),
-                   "has_eval": eval_ds is not None}
+                   "has_eval": eval_ds is not None, "node_check": node_check}
     datasets = {"train": train_ds, **({"eval": eval_ds} if eval_ds is not None else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -221,7 +226,10 @@ def run_train(cfg: TrainConfig) -> dict:
         # the data order then does not depend on how Ray Data streamed the rows, which resume relies on.
         dataset_config=DataConfig(datasets_to_split=[]),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        finish(node_check)
     if result.error:
         raise result.error
     metrics_path = storage.join(cfg.output, "metrics.jsonl")
