@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
 import signal
 import sys
 import time
@@ -25,6 +26,7 @@ from alpaca_ray.pipeline.config import (
     STAGES,
     PipelineConfig,
     load_pipeline_config,
+    resolve_paths,
     served_base_url,
     stage_specs,
 )
@@ -144,7 +146,7 @@ def submit_driver(config: PipelineConfig, from_stage: str | None, address: str, 
         raise UserError(f"cannot reach the Ray job API at {address}: {err}".splitlines()[0]
                         + "; is the cluster up (ray up cluster.yaml / ray start --head)?") from None
     job_id = f"alpaca-ray-pipeline-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    entrypoint = " ".join(["python", "jobs/pipeline.py", *map(_quote, driver_argv(config, from_stage))])
+    entrypoint = shlex.join(["python", "jobs/pipeline.py", *driver_argv(config, from_stage)])
     submit_job(client, entrypoint=entrypoint, submission_id=job_id,
                runtime_env=job_runtime_env(find_repo_root(), config.output))
     print(f"[pipeline] driver job {job_id} on {address} (logs: ray job logs --address {address} -f {job_id})",
@@ -167,24 +169,20 @@ def submit_driver(config: PipelineConfig, from_stage: str | None, address: str, 
     return 2  # as a stage's own error: the driver failed on something the user can fix
 
 
-def _quote(arg: str) -> str:
-    import shlex
-
-    return shlex.quote(arg)
-
-
 def drive_on_cluster(args: argparse.Namespace, overrides: dict) -> int:
     """The pipeline's driver, running on the cluster: preflight, teacher, stages, served-model banner."""
     from alpaca_ray.cluster.ray_cluster import ensure_ray
 
     if args.config_json:
         values = {**json.loads(args.config_json), **{k: v for k, v in overrides.items() if v is not None}}
-        config = resolve_in_job(config_from_dict(PipelineConfig, values, source="--config-json"))
+        # Relative inputs in it travelled with the job: they resolve against this job's working directory.
+        config = resolve_paths(config_from_dict(PipelineConfig, values, source="--config-json"))
     else:  # `ray job submit -- python jobs/pipeline.py --config FILE` run by hand
         config = load_pipeline_config(args.config, overrides)
     specs = stage_specs(config)
-    # Stopping this job (Ctrl-C on the submitting machine, `ray job stop`) must stop the running stage too.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # Stopping this job (Ctrl-C on the submitting machine, `ray job stop`) sends SIGTERM: turn it into the
+    # KeyboardInterrupt the runner answers by stopping the running stage's job too.
+    signal.signal(signal.SIGTERM, _interrupt)
     ensure_ray(os.environ.get("RAY_ADDRESS") or None, log_to_driver=False)
     runner = PipelineRunner(config, specs, dashboard_address(os.environ.get("RAY_ADDRESS", "auto")))
     runner.preflight(args.from_stage)
@@ -195,11 +193,8 @@ def drive_on_cluster(args: argparse.Namespace, overrides: dict) -> int:
     return 0
 
 
-def resolve_in_job(config: PipelineConfig) -> PipelineConfig:
-    """Relative inputs in a config handed to the driver travelled with the job: resolve them here."""
-    from alpaca_ray.pipeline.config import resolve_paths
-
-    return resolve_paths(config)
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def served_banner(runner: PipelineRunner) -> str:
