@@ -116,7 +116,9 @@ def test_resume_asks_only_for_what_a_killed_run_lost(judged, tmp_path):
     assert main(args) == 0
     assert judged.counts() == (before[0], before[1], before[2] + 3)
     times = sorted(r.time for r in judged.judge.completion_requests()[-3:])
-    assert times[-1] - times[0] >= 1.8
+    # Paced about a second apart (2 s for three); arrival at the server jitters by tens of ms on a busy
+    # machine (seen: 1.78 s), so the bound leaves room for that and still fails without pacing.
+    assert times[-1] - times[0] >= 1.5
     assert json.loads((copy / "report.json").read_text())["llm_judge"]["wins"] == judged.report()["llm_judge"]["wins"]
 
 

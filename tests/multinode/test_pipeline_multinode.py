@@ -39,16 +39,16 @@ def quickstart_on(cluster: MultiNodeCluster, root: Path, tiny_model_dir: Path, t
         shutil.copytree(tiny_model_dir, base)
     config["output"] = str(root)
     config["teacher"]["replay"] = REPLAY
-    config["generate"].update(target=40)
+    config["generate"].update(target=24)
     # Ranks on two nodes (SPREAD), short steps with frequent checkpoints so a node can die mid-run.
-    config["train"].update(base_model=str(base), max_length=128, epochs=3, global_batch_size=4, checkpoint_every=3,
+    config["train"].update(base_model=str(base), max_length=128, epochs=2, global_batch_size=4, checkpoint_every=2,
                            max_failures=3, placement_strategy="SPREAD")
     # Two replicas on two nodes; a proxy on every node where each node has its own network (else on the head).
     config["serve"].update(host="0.0.0.0", port=free_port(), num_replicas=2, max_replicas_per_node=1,
                            proxy_location="EveryNode" if cluster.private_loopback else "HeadOnly",
                            app_name="multinode", route_prefix="/multinode", ready_timeout_s=400)
     # Model A is the served model, model B and the judge the run's teacher: both called from worker nodes.
-    config["evaluate"] = {"limit": 4, "max_tokens": 8, "num_workers": 2, "model_b": "text-davinci-003",
+    config["evaluate"] = {"limit": 2, "max_tokens": 8, "num_workers": 2, "model_b": "text-davinci-003",
                           "model_b_base_url": "teacher", "judge_model": "text-davinci-003",
                           "judge_base_url": "teacher", "answer_api": "completions", "bootstrap_samples": 100}
     path = tmp_path / "quickstart-multinode.yaml"
@@ -135,7 +135,7 @@ def test_quickstart_from_a_laptop_runs_end_to_end_across_nodes(multinode_cluster
         "generate": "succeeded", "train": "succeeded", "serve": "succeeded", "evaluate": "succeeded"}
     journals = sorted((root / "generate" / "raw").glob("*.jsonl"))
     assert journals  # written by generate's actors on the worker nodes, journaled into the root
-    assert len(json.loads((root / "generate" / "data.json").read_text())) == 40
+    assert len(json.loads((root / "generate" / "data.json").read_text())) == 24
     train_logs = cluster.job_client().get_job_logs(state["stages"]["train"]["job_id"])
     assert "resumed from checkpoint at step" in train_logs, train_logs[-3000:]
     assert (root / "train" / "metrics.jsonl").exists() and (root / "train" / "loss.png").exists()
@@ -173,8 +173,9 @@ def test_quickstart_from_a_laptop_runs_end_to_end_across_nodes(multinode_cluster
 
     # Evaluate reached the served model and the teacher from the worker nodes.
     report = json.loads((root / "evaluate" / "report.json").read_text())
-    assert report["n_items"] == 4 and len(report["items"]) == 4
-    assert all(item.get("answer_a") is not None and item.get("answer_b") is not None for item in report["items"]) \
-        if "answer_a" in report["items"][0] else True
+    assert report["n_items"] == 2 and len(report["items"]) == 2
+    # Model A answered from the served model, model B and the judge from the teacher: all through workers.
+    assert all(isinstance(item["answer_a"], str) and item["answer_b"] for item in report["items"])
+    assert all(item["judge_raw_a_first"] for item in report["items"])
     assert list((root / "evaluate").rglob("answers/*")), "no answers journaled on the root"
     print(f"multinode quickstart from a laptop: {wall_s:.0f} s")
