@@ -18,6 +18,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 
+def pytest_collection_modifyitems(items):
+    # The multi-node tests first: their three Ray nodes then have the machine's cores to themselves, and
+    # they are stopped before the session's single-node clusters (ray_local, ray_head) start.
+    items.sort(key=lambda item: not item.nodeid.startswith("tests/multinode/"))
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT

@@ -13,7 +13,9 @@ a job driver runs), ``ray job submit`` with ``cluster.env()`` for jobs, and the 
 in os.environ: Ray caches it per process, so it would leak into the other cluster's clients. Both fixtures
 live in one session, in either order (checked with tests/integration/test_dedup_ray.py).
 
-The fixture is session-scoped; a test that breaks a node (``kill_worker_raylet``) restarts it before it
+The fixture is package-scoped (stopped once this directory's tests are done, so its three nodes do not
+compete for the CPUs with the clusters of the tests that follow), and the suite runs this directory first
+(tests/conftest.py), before any other cluster is started; a test that breaks a node (``kill_worker_raylet``) restarts it before it
 ends (``restart_worker``), so later tests find three alive nodes, though with a new node id there.
 Debugging: ``ALPACA_MULTINODE_KEEP=1`` keeps the nodes' logs (under ``cluster.base``) after the session;
 ``ALPACA_MULTINODE_SHARED_NET=1`` runs on the shared host network instead of private namespaces.
@@ -51,7 +53,7 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.multinode)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def multinode_cluster() -> MultiNodeCluster:
     reason = unavailable_reason()
     if reason:
