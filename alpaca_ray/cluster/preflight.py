@@ -93,8 +93,10 @@ def this_node_identity() -> tuple[str, str, str]:
         import ray
 
         if ray.is_initialized():
+            from alpaca_ray.cluster.ray_cluster import this_node_address
+
             node_id = ray.get_runtime_context().get_node_id()
-            ip = ray.util.get_node_ip_address()
+            ip = this_node_address()
     except Exception:  # noqa: BLE001 - identity is for messages only
         pass
     return node_id or "local", ip or "127.0.0.1", socket.gethostname()

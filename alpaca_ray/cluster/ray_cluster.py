@@ -21,3 +21,18 @@ def ensure_ray(address: str | None = None, local_num_cpus: int | None = None, **
             init_kwargs["num_cpus"] = local_num_cpus
         ray.init(address=address or "local", **init_kwargs)
     return ray
+
+
+def this_node_address() -> str:
+    """The address this process's node registered with the cluster: what every other node reaches it at.
+
+    Not ``ray.util.get_node_ip_address()``, which guesses from this process's routes and can name another
+    interface than the one the node was started on (``ray start --node-ip-address``).
+    """
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    for node in ray.nodes():
+        if node.get("NodeID") == node_id and node.get("NodeManagerAddress"):
+            return node["NodeManagerAddress"]
+    return ray.util.get_node_ip_address()

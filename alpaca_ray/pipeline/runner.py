@@ -299,7 +299,9 @@ def cluster_ip(address: str) -> str:
         import ray
 
         if ray.is_initialized():
-            return ray.util.get_node_ip_address()
+            from alpaca_ray.cluster.ray_cluster import this_node_address
+
+            return this_node_address()
     except ImportError:
         pass
     return cluster_host(address)

@@ -16,13 +16,12 @@ class ReplayTeacher:
     """Actor body: the recorded responses over the OpenAI protocol on this node's address."""
 
     def __init__(self, responses: list[RecordedResponse], models: list[str] | None = None):
-        import ray
-
+        from alpaca_ray.cluster.ray_cluster import this_node_address
         from alpaca_ray.openai_server import OpenAIServer
 
         self.responder = ReplayResponder(responses)
         self.server = OpenAIServer(self.responder, models=models, host="0.0.0.0", port=0).start()
-        self.ip = ray.util.get_node_ip_address()
+        self.ip = this_node_address()
 
     def base_url(self) -> str:
         return f"http://{self.ip}:{self.server.port}/v1"
