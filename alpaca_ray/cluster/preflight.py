@@ -204,10 +204,6 @@ def format_reports(root: str, reports: list[NodeReport]) -> str:
 # --- the Ray part -------------------------------------------------------------------------------------
 
 
-def _probe_task(root: str, token: str, env_names: list[str]) -> NodeReport:
-    return probe_this_node(root, token, env_names)
-
-
 def run_preflight(root: str, needs: list[EnvNeed] | None = None, timeout_s: float = 120,
                   say=print) -> NodeCheck:
     """Check every alive node of the connected Ray cluster; raise :class:`PreflightError` on any problem.
@@ -225,7 +221,7 @@ def run_preflight(root: str, needs: list[EnvNeed] | None = None, timeout_s: floa
     driver_write_token(root, token)
     driver_node = ray.get_runtime_context().get_node_id()
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    probe = ray.remote(num_cpus=0, max_retries=0)(_probe_task)
+    probe = ray.remote(num_cpus=0, max_retries=0)(probe_this_node)
     refs = []
     for node in nodes:
         env = driver_env + worker_env if node["NodeID"] == driver_node else worker_env

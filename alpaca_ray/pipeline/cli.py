@@ -21,7 +21,7 @@ import uuid
 from contextlib import nullcontext
 
 from alpaca_ray.cluster.services import wait_for_stop_signal
-from alpaca_ray.config import UserError, add_config_args, config_from_dict, run_cli
+from alpaca_ray.config import add_config_args, config_from_dict, run_cli
 from alpaca_ray.pipeline.config import (
     STAGES,
     PipelineConfig,
@@ -36,6 +36,7 @@ from alpaca_ray.pipeline.runner import (
     error_summary,
     find_repo_root,
     follow_job,
+    job_client,
     job_runtime_env,
     local_cluster,
     plan_stages,
@@ -46,7 +47,6 @@ from alpaca_ray.pipeline.runner import (
     stage_entrypoint,
     submit_job,
     submit_time_values,
-    use_token_auth_if_available,
 )
 
 #: Set by ``jobs/pipeline.py``: this process is the pipeline's driver on the cluster.
@@ -136,15 +136,9 @@ def driver_argv(config: PipelineConfig, from_stage: str | None) -> list[str]:
 
 def submit_driver(config: PipelineConfig, from_stage: str | None, address: str, headers: dict) -> int:
     """Submit the pipeline's driver as a job, stream its logs, stop it on Ctrl-C; returns an exit status."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.job_submission import JobStatus
 
-    if not headers:
-        use_token_auth_if_available()
-    try:
-        client = JobSubmissionClient(address, headers=headers or None)
-    except (ConnectionError, RuntimeError, ValueError) as err:
-        raise UserError(f"cannot reach the Ray job API at {address}: {err}".splitlines()[0]
-                        + "; is the cluster up (ray up cluster.yaml / ray start --head)?") from None
+    client = job_client(address, headers)
     job_id = f"alpaca-ray-pipeline-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     entrypoint = shlex.join(["python", "jobs/pipeline.py", *driver_argv(config, from_stage)])
     submit_job(client, entrypoint=entrypoint, submission_id=job_id,

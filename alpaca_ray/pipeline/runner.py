@@ -295,15 +295,12 @@ def cluster_ip(address: str) -> str:
     In a driver connected to the cluster (the pipeline's own job, on the head): this node's cluster IP,
     never loopback, which only the head itself would reach. Otherwise the host of ``address``.
     """
-    try:
-        import ray
+    import ray
 
-        if ray.is_initialized():
-            from alpaca_ray.cluster.ray_cluster import this_node_address
+    if ray.is_initialized():
+        from alpaca_ray.cluster.ray_cluster import this_node_address
 
-            return this_node_address()
-    except ImportError:
-        pass
+        return this_node_address()
     return cluster_host(address)
 
 
@@ -331,11 +328,11 @@ def unreachable_apps(to_run: list[StageSpec], config: PipelineConfig, specs: lis
     loopback = host.startswith("127.") or host in ("::1", "localhost")
     if evaluate is not None and loopback and not evaluate.values.get("model_a_answers") \
             and evaluate.values.get("model_a_base_url") == served_base_url(serve) + "/v1":
-        problems.append(f"serve.host: {serve.get('host', '127.0.0.1')} binds only the head's loopback, but "
+        problems.append(f"serve.host: {host} binds only the head's loopback, but "
                         "evaluate's workers on other nodes call the served model: set serve.host: 0.0.0.0 "
                         "(with api_key_env to require a key)")
     if config.teacher and config.teacher.get("model") and loopback:
-        problems.append(f"serve.host: {serve.get('host', '127.0.0.1')} binds only the head's loopback, but "
+        problems.append(f"serve.host: {host} binds only the head's loopback, but "
                         "generate's workers on other nodes call the teacher deployed on that proxy: set "
                         "serve.host: 0.0.0.0")
     return problems
@@ -461,22 +458,27 @@ def use_token_auth_if_available() -> None:
     maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
+def job_client(address: str, headers: dict[str, str] | None = None):
+    """A ``JobSubmissionClient`` for the cluster at ``address``, or a :class:`UserError` saying it is not up."""
+    from ray.job_submission import JobSubmissionClient
+
+    if not headers:
+        use_token_auth_if_available()
+    try:
+        return JobSubmissionClient(address, headers=headers or None)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise UserError(f"cannot reach the Ray job API at {address}: {err}".splitlines()[0]
+                        + "; is the cluster up (ray up cluster.yaml / ray start --head)?") from None
+
+
 class PipelineRunner:
     """Submit the planned stages to a cluster's job API and follow them to the end."""
 
     def __init__(self, config: PipelineConfig, specs: list[StageSpec], address: str,
                  headers: dict[str, str] | None = None, write: Callable[[str], Any] | None = None,
                  repo_root: Path | None = None):
-        from ray.job_submission import JobSubmissionClient
-
         self.config, self.specs, self.address, self.headers = config, specs, address, dict(headers or {})
-        if not self.headers:
-            use_token_auth_if_available()
-        try:
-            self.client = JobSubmissionClient(address, headers=self.headers or None)
-        except (ConnectionError, RuntimeError, ValueError) as err:
-            raise UserError(f"cannot reach the Ray job API at {address}: {err}".splitlines()[0]
-                            + "; is the cluster up (ray up cluster.yaml / ray start --head)?") from None
+        self.client = job_client(address, self.headers)
         self.write = write or (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
         self.repo_root = repo_root or find_repo_root()
         self.cluster_ip = cluster_ip(address)
@@ -493,8 +495,7 @@ class PipelineRunner:
 
         _, to_run, _ = plan_stages(self.specs, self.state, from_stage, self.is_alive)
         needs = pipeline_needs(to_run, self.config)
-        nodes = alive_node_count()
-        loopback = [problem for problem in unreachable_apps(to_run, self.config, self.specs) if nodes > 1]
+        loopback = unreachable_apps(to_run, self.config, self.specs) if alive_node_count() > 1 else []
         if loopback:
             raise PreflightError("preflight: on a cluster of several nodes:\n  - " + "\n  - ".join(loopback))
         finish(run_preflight(self.config.output, needs, say=self.say))
@@ -532,8 +533,7 @@ class PipelineRunner:
                         extra["teacher_base_url"] = url
                         key_env = spec.values.get("api_key_env") or getattr(spec.config_class, "api_key_env",
                                                                             "OPENAI_API_KEY")
-                        if self.teacher_is_replay or self.teacher_is_served:
-                            env_vars[key_env or "OPENAI_API_KEY"] = OFFLINE_TEACHER_KEY
+                        env_vars[key_env or "OPENAI_API_KEY"] = OFFLINE_TEACHER_KEY  # the run's teacher takes any key
                     else:
                         extra.update({name: url for name in ("model_b_base_url", "judge_base_url")
                                       if spec.values.get(name) == TEACHER_URL})
@@ -546,14 +546,6 @@ class PipelineRunner:
         finally:
             self.stop_teacher()
         return [s.name for s in to_run]
-
-    @property
-    def teacher_is_replay(self) -> bool:
-        return bool((self.config.teacher or {}).get("replay"))
-
-    @property
-    def teacher_is_served(self) -> bool:
-        return bool((self.config.teacher or {}).get("model"))
 
     def teacher_url(self) -> str:
         """Deploy the run's teacher on the cluster (once); its base URL, reachable from every node."""
@@ -575,7 +567,7 @@ class PipelineRunner:
         values = section.serve_values(serve_values, teacher_model)
         spec = StageSpec("serve", values, load_config_class("serve"), fingerprint(values))
         self.say(f"teacher: deploying {section.model} with the serve stage's app as {TEACHER_APP!r}")
-        self._submit_and_wait(spec, {}, {}, "teacher")
+        self._submit_and_wait(spec, {}, {}, "teacher", "teacher")
         base = deployed_app_url(self.address, TEACHER_APP, app_host(values, self.cluster_ip), self.headers) or \
             served_base_url(values, self.cluster_ip)
         self.teacher = ("serve", base + "/v1", None)
@@ -598,14 +590,17 @@ class PipelineRunner:
             serve.delete(TEACHER_APP)
             self.say(f"teacher app {TEACHER_APP!r} removed")
 
-    def _submit_and_wait(self, spec: StageSpec, extra: dict, env_vars: dict[str, str], label: str,
+    def _submit_and_wait(self, spec: StageSpec, extra: dict, env_vars: dict[str, str], name: str, label: str,
                          on_submitted: Callable[[str], None] | None = None) -> tuple[str, float]:
-        """Submit ``spec`` as a job and follow it; returns (job id, seconds). Raises :class:`PipelineError`."""
+        """Submit ``spec`` as the job ``name`` and follow it; returns (job id, seconds).
+
+        ``name`` is what the job id and an error call it (a stage, or ``teacher``); ``label`` prefixes its
+        log lines. Raises :class:`PipelineError`.
+        """
         from ray.job_submission import JobStatus
 
         entrypoint = stage_entrypoint(spec.name, stage_argv(spec, extra))
-        job_id = f"alpaca-ray-{spec.values.get('app_name') if label == 'teacher' else spec.name}-" \
-                 f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        job_id = f"alpaca-ray-{name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         self.say(f"{label}: submitting job {job_id}\n[pipeline]   {entrypoint}")
         started = time.monotonic()
         submit_job(self.client, entrypoint=entrypoint, submission_id=job_id,
@@ -616,7 +611,7 @@ class PipelineRunner:
         try:
             status = follow_job(self.client, job_id, self.write)
         except KeyboardInterrupt:
-            self.say(f"interrupted: stopping job {job_id}; rerun to resume from {spec.name}")
+            self.say(f"interrupted: stopping job {job_id}; rerun to resume from {name}")
             self.client.stop_job(job_id)
             raise
         wall_s = time.monotonic() - started
@@ -624,8 +619,7 @@ class PipelineRunner:
             info = self.client.get_job_info(job_id)
             logs = self.client.get_job_logs(job_id)
             raise PipelineError(
-                f"stage '{spec.name if label != 'teacher' else 'teacher'}' failed: "
-                f"{error_summary(logs, info.message or '')}\n"
+                f"stage '{name}' failed: {error_summary(logs, info.message or '')}\n"
                 f"  job {job_id} ended {status.value} after {wall_s:.0f}s ({info.error_type or 'no error type'}); "
                 f"full logs: ray job logs --address {self.address} {job_id}\n"
                 f"  fix the cause and rerun the same command: finished stages are skipped", status=status.value)
@@ -641,7 +635,8 @@ class PipelineRunner:
             write_state(self.config.state_path, self.state)
 
         try:
-            job_id, wall_s = self._submit_and_wait(spec, extra, env_vars, f"{position} {spec.name}", running)
+            job_id, wall_s = self._submit_and_wait(spec, extra, env_vars, spec.name, f"{position} {spec.name}",
+                                                   running)
         except PipelineError as err:
             self.state["stages"][spec.name]["status"] = (err.status or "failed").lower()
             write_state(self.config.state_path, self.state)
