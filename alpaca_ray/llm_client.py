@@ -3,9 +3,11 @@
 It wraps the official ``openai`` async client with what paying for every answer demands:
 
 - a rate limit shared by all callers (:class:`RateLimiter`, or :func:`shared_rate_limiter` for every
-  Ray worker of a job at once), counted in requests and in tokens per minute;
+  Ray worker of a job at once), counted in requests and in tokens per minute, that never grants more than
+  the limit in any minute;
 - retries of 429s, 5xx answers, time-outs and dropped connections with exponential backoff and jitter,
-  honouring the server's ``Retry-After``;
+  honouring the server's ``Retry-After`` up to a cap (``max_retry_after_s``; a longer wait is logged
+  and counted);
 - clear errors for what retrying cannot fix (a wrong key, an unknown model), whose messages never
   contain the key;
 - :class:`RawJournal`, an append-only JSON Lines file each answer is written to (flushed and fsynced)
@@ -17,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import json
+import logging
+import math
 import os
 import random
 import threading
@@ -27,6 +31,7 @@ from typing import Any, Literal
 from alpaca_ray.config import UserError
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
+logger = logging.getLogger(__name__)
 
 
 class LLMError(UserError):
@@ -51,6 +56,9 @@ class QuotaExceededError(LLMError):
 
 class RetriesExhaustedError(LLMError):
     """A retryable failure (429, 5xx, time-out) kept happening until ``max_retries`` ran out."""
+
+    #: How many of its waits asked for more than ``max_retry_after_s`` (and were cut to it).
+    retry_after_capped = 0
 
 
 class MalformedResponseError(LLMError):
@@ -80,7 +88,8 @@ class EndpointConfig:
     api_key_env: str = "OPENAI_API_KEY"
     #: Shared request budget; 0 means unlimited.
     requests_per_minute: float = 0.0
-    #: Shared token budget (prompt + completion, estimated before the call); 0 means unlimited.
+    #: Shared token budget, counted as providers count it for rate limits: the prompt (estimated from its
+    #: length) + ``max_tokens``, at the call; 0 means unlimited.
     tokens_per_minute: float = 0.0
     #: Retries of one call after a 429, 5xx, time-out or dropped connection.
     max_retries: int = 6
@@ -91,6 +100,8 @@ class EndpointConfig:
     #: First backoff delay; doubles on each retry up to ``backoff_max_s``, with jitter.
     backoff_base_s: float = 1.0
     backoff_max_s: float = 60.0
+    #: Longest wait a server's ``Retry-After`` may impose; a longer one is cut to this, logged and counted.
+    max_retry_after_s: float = 60.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -104,6 +115,8 @@ class EndpointConfig:
             problems.append("requests_per_minute and tokens_per_minute must be >= 0 (0 = unlimited)")
         if self.max_retries < 0 or self.timeout_s <= 0 or self.max_concurrency < 1:
             problems.append("max_retries must be >= 0, timeout_s > 0 and max_concurrency >= 1")
+        if self.max_retry_after_s < 0:
+            problems.append(f"max_retry_after_s must be >= 0, got {self.max_retry_after_s}")
         if problems:
             raise LLMError("invalid EndpointConfig: " + "; ".join(problems))
 
@@ -120,64 +133,125 @@ class Completion:
     #: The server-reported model name (may be more specific than the requested one).
     model: str = ""
     extra: dict = field(default_factory=dict, repr=False)
+    #: With ``logprobs`` requested: per output token, the most likely tokens as ``[{"token", "logprob"}]``
+    #: (chat: ``choices[0].logprobs.content[i].top_logprobs``; completions: ``logprobs.top_logprobs[i]``).
+    #: None when the server sent no logprobs.
+    top_logprobs: list[list[dict]] | None = field(default=None, repr=False)
 
 
 # --------------------------------------------------------------------------------------------------------
 # Rate limiting
 
+#: The window a per-minute limit is counted over.
+MINUTE_S = 60.0
+#: Seconds added to the window the limiter enforces: a request reaches the server a little after its grant
+#: (a Ray round trip, a busy event loop), and this guard keeps that jitter from pulling the first request
+#: of the next minute into this one, as the provider counts (it costs 0.8% of the rate).
+WINDOW_GUARD_S = 0.5
+
+
+@dataclass(frozen=True)
+class Grant:
+    """Permission to send one request: its number in grant order, and how long to wait before sending."""
+
+    id: int
+    wait_s: float
+
 
 class RateLimiter:
-    """Requests-per-minute and tokens-per-minute buckets, spacing calls evenly rather than in bursts.
+    """A scheduler of send times that never lets more than the limits through in any minute, by construction.
 
-    The request bucket holds one request and the token bucket one second's worth; both may go into debt: a caller that takes
-    more than is there waits until the debt is paid back. So ``rpm=120`` lets one call through every
-    half second from the start, and one large request is let through at once (then the next ones wait).
+    Each :meth:`reserve` is answered with a grant time, in order (grants never go back in time):
+
+    - requests are spaced evenly, ``(60 s + guard) / requests_per_minute`` apart, so any 60 s window holds
+      at most ``requests_per_minute`` grants and the rate is used from the first second, without bursts;
+    - tokens are counted as providers count them for rate limits, at the estimate made before the call
+      (prompt + ``max_tokens``; OpenAI meters the same, not what the answer used). Grants are spaced in
+      proportion to their tokens (the budget is spread evenly, no burst), and a grant is also placed no
+      earlier than the first time the tokens granted in the 60 s (+ guard) before it, plus its own, fit
+      in ``tokens_per_minute``: that sliding-window check is what makes the limit hold in every window
+      (at a cost of about one request's tokens a minute: ~98% of a 60K budget used with 1K-token requests).
+
     ``reserve`` is plain and non-blocking (it returns how long to wait), which is what lets one instance
-    live in a Ray actor and serve every worker of a job.
+    live in a Ray actor and serve every worker of a job. ``clock`` is injectable for tests; every grant is
+    kept (time and tokens) so :meth:`report` can show what was used.
     """
 
-    def __init__(self, requests_per_minute: float = 0.0, tokens_per_minute: float = 0.0):
+    def __init__(self, requests_per_minute: float = 0.0, tokens_per_minute: float = 0.0,
+                 clock: Any = time.monotonic, guard_s: float = WINDOW_GUARD_S):
         self.requests_per_minute, self.tokens_per_minute = float(requests_per_minute), float(tokens_per_minute)
-        # Requests: a bucket of one, so calls are evenly spaced; tokens: one second's worth.
-        self._buckets = [_Bucket(self.requests_per_minute / 60.0, 1.0),
-                         _Bucket(self.tokens_per_minute / 60.0, max(1.0, self.tokens_per_minute / 60.0))]
+        self.window_s = MINUTE_S + guard_s
+        self._interval = self.window_s / self.requests_per_minute if self.requests_per_minute > 0 else 0.0
+        self._per_token = self.window_s / self.tokens_per_minute if self.tokens_per_minute > 0 else 0.0
+        self._clock = clock
         self._lock = threading.Lock()
+        self._grants: list[tuple[float, float]] = []  # (time, tokens) of every grant, in time order
+        self._window_start = 0  # index of the oldest grant that can still share a window with a new one
+        self._window_tokens = 0.0  # tokens of the grants from _window_start on
+        self._last = -math.inf
+        self._next_by_tokens = -math.inf
 
-    def reserve(self, tokens: int = 0) -> float:
-        """Take one request and ``tokens`` tokens; return the seconds to wait before sending."""
+    def reserve(self, tokens: int = 0) -> Grant:
+        """Take one request and ``tokens`` tokens; return the grant (its id and the seconds to wait)."""
         with self._lock:
-            now = time.monotonic()
-            return max(self._buckets[0].take(1, now), self._buckets[1].take(tokens, now))
+            now = self._clock()
+            at = max(now, self._last, self._last + self._interval, self._next_by_tokens)
+            weight = 0.0
+            if self.tokens_per_minute > 0:
+                # A request larger than the whole budget still goes, alone in its window.
+                weight = float(min(max(tokens, 0), self.tokens_per_minute))
+                grants = self._grants
+                while self._window_start < len(grants) and (
+                        grants[self._window_start][0] <= at - self.window_s
+                        or self._window_tokens + weight > self.tokens_per_minute):
+                    oldest_at, oldest_tokens = grants[self._window_start]
+                    at = max(at, oldest_at + self.window_s)  # wait until the oldest leaves the window
+                    self._window_tokens -= oldest_tokens
+                    self._window_start += 1
+                self._window_tokens += weight
+                self._next_by_tokens = at + weight * self._per_token
+            self._grants.append((at, weight))
+            self._last = at
+            return Grant(len(self._grants) - 1, at - now)
 
-    def settle(self, reserved_tokens: int, used_tokens: int) -> None:
-        """Give back what a call reserved but did not use (estimates are upper bounds)."""
-        if reserved_tokens > used_tokens:
-            with self._lock:
-                self._buckets[1].give_back(reserved_tokens - used_tokens)
+    async def acquire(self, tokens: int = 0) -> Grant:
+        """Wait until one request of ``tokens`` tokens may be sent; return its grant."""
+        grant = self.reserve(tokens)
+        if grant.wait_s > 0:
+            await asyncio.sleep(grant.wait_s)
+        return grant
 
-    async def acquire(self, tokens: int = 0) -> None:
-        """Wait until one request of ``tokens`` tokens may be sent."""
-        delay = self.reserve(tokens)
-        if delay > 0:
-            await asyncio.sleep(delay)
+    def grant_log(self) -> list[tuple[float, float]]:
+        """(time, tokens) of every grant so far, in order (times on this limiter's clock)."""
+        with self._lock:
+            return list(self._grants)
+
+    def report(self) -> dict:
+        """What the grants used: counts, and the most granted in any 60 s window (requests and tokens)."""
+        return grant_report(self.grant_log(), self.requests_per_minute, self.tokens_per_minute)
 
 
-class _Bucket:
-    def __init__(self, rate_per_s: float, capacity: float):
-        self.rate, self.capacity = rate_per_s, capacity
-        self.level, self.updated = self.capacity, time.monotonic()
-
-    def take(self, amount: float, now: float) -> float:
-        if self.rate <= 0:
-            return 0.0
-        self.level = min(self.capacity, self.level + (now - self.updated) * self.rate)
-        self.updated = now
-        self.level -= amount
-        return 0.0 if self.level >= 0 else -self.level / self.rate
-
-    def give_back(self, amount: float) -> None:
-        if self.rate > 0:
-            self.level = min(self.capacity, self.level + amount)
+def grant_report(grants: list[tuple[float, float]], requests_per_minute: float = 0.0,
+                 tokens_per_minute: float = 0.0, window_s: float = MINUTE_S) -> dict:
+    """Summary of grant (or arrival) times: how many, over what span, the busiest ``window_s`` window."""
+    times = [at for at, _ in grants]
+    most_requests = most_tokens = 0.0
+    start, tokens = 0, 0.0
+    for end, (at, weight) in enumerate(grants):  # windows [t, t + window_s) that start at a grant
+        tokens += weight
+        while times[start] <= at - window_s:
+            tokens -= grants[start][1]
+            start += 1
+        most_requests, most_tokens = max(most_requests, end - start + 1), max(most_tokens, tokens)
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    span = times[-1] - times[0] if times else 0.0
+    return {"requests_per_minute": requests_per_minute, "tokens_per_minute": tokens_per_minute,
+            "granted_requests": len(times), "granted_tokens": round(sum(w for _, w in grants)),
+            "span_s": round(span, 3),
+            # From the first grant to the last: the rate the run actually used.
+            "requests_per_minute_used": round((len(times) - 1) / span * 60, 2) if span > 0 else None,
+            "min_gap_s": round(min(gaps), 9) if gaps else None,
+            "max_requests_in_60s": int(most_requests), "max_tokens_in_60s": round(most_tokens)}
 
 
 class _RateLimiterActor:
@@ -186,11 +260,11 @@ class _RateLimiterActor:
     def __init__(self, requests_per_minute: float, tokens_per_minute: float):
         self.limiter = RateLimiter(requests_per_minute, tokens_per_minute)
 
-    def reserve(self, tokens: int = 0) -> float:
+    def reserve(self, tokens: int = 0) -> Grant:
         return self.limiter.reserve(tokens)
 
-    def settle(self, reserved_tokens: int, used_tokens: int) -> None:
-        self.limiter.settle(reserved_tokens, used_tokens)
+    def report(self) -> dict:
+        return self.limiter.report()
 
 
 def shared_rate_limiter(name: str, requests_per_minute: float, tokens_per_minute: float,
@@ -207,24 +281,15 @@ def shared_rate_limiter(name: str, requests_per_minute: float, tokens_per_minute
         requests_per_minute, tokens_per_minute)
 
 
-async def _acquire(limiter: Any, tokens: int) -> None:
+async def _acquire(limiter: Any, tokens: int) -> Grant | None:
     if limiter is None:
-        return
+        return None
     if isinstance(limiter, RateLimiter):
-        await limiter.acquire(tokens)
-        return
-    delay = await limiter.reserve.remote(tokens)  # a Ray actor handle: ObjectRefs are awaitable
-    if delay > 0:
-        await asyncio.sleep(delay)
-
-
-async def _settle(limiter: Any, reserved: int, used: int) -> None:
-    if limiter is None or reserved <= used:
-        return
-    if isinstance(limiter, RateLimiter):
-        limiter.settle(reserved, used)
-    else:
-        limiter.settle.remote(reserved, used)  # fire and forget: a refund needs no answer
+        return await limiter.acquire(tokens)
+    grant = await limiter.reserve.remote(tokens)  # a Ray actor handle: ObjectRefs are awaitable
+    if grant.wait_s > 0:
+        await asyncio.sleep(grant.wait_s)
+    return grant
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -259,6 +324,16 @@ def retry_after_seconds(headers: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - time.time())
+
+
+def capped_retry_after(retry_after: float | None, cap_s: float, base_url: str) -> tuple[float | None, bool]:
+    """The server's ``Retry-After``, cut to ``cap_s`` (logged) so a server asking for an hour cannot stall
+    a run silently; returns (seconds to honour, whether it was cut)."""
+    if retry_after is None or retry_after <= cap_s:
+        return retry_after, False
+    logger.warning("%s asked to wait %.0f s before retrying (Retry-After); waiting %g s instead "
+                   "(max_retry_after_s)", base_url, retry_after, cap_s)
+    return cap_s, True
 
 
 def backoff_seconds(retry: int, base_s: float, max_s: float, retry_after: float | None = None,
@@ -338,7 +413,7 @@ class LLMClient:
         semaphore = self._semaphores[id(asyncio.get_running_loop())]
         endpoint = self.endpoint
         reserved = estimate_tokens(prompt, sampling.get("max_tokens"))
-        retries = 0
+        retries = capped = 0
         async with semaphore:
             while True:
                 await _acquire(self.limiter, reserved)
@@ -363,12 +438,17 @@ class LLMClient:
                         what = f"HTTP {status}" if status else type(err).__name__
                         if isinstance(err, openai.APIConnectionError) and not isinstance(err, openai.APITimeoutError):
                             what = "connection failed"
-                        raise RetriesExhaustedError(
+                        exhausted = RetriesExhaustedError(
                             f"{endpoint.base_url}: gave up after {retries + 1} attempts ({what}: "
-                            f"{self._redact(_error_message(err))})") from None
+                            f"{self._redact(_error_message(err))})")
+                        exhausted.retry_after_capped = capped
+                        raise exhausted from None
                     headers = getattr(getattr(err, "response", None), "headers", None)
+                    retry_after, was_capped = capped_retry_after(retry_after_seconds(headers),
+                                                                 endpoint.max_retry_after_s, endpoint.base_url)
+                    capped += was_capped
                     await asyncio.sleep(backoff_seconds(retries, endpoint.backoff_base_s, endpoint.backoff_max_s,
-                                                        retry_after_seconds(headers)))
+                                                        retry_after))
                     retries += 1
                     continue
                 except openai.APIStatusError as err:
@@ -387,7 +467,8 @@ class LLMClient:
                     raise MalformedResponseError(f"{endpoint.base_url} answered with a malformed response "
                                                  f"({type(err).__name__}: {self._redact(str(err))[:200]})") from None
                 completion.retries = retries
-                await _settle(self.limiter, reserved, completion.prompt_tokens + completion.completion_tokens)
+                if capped:
+                    completion.extra["retry_after_capped"] = capped
                 return completion
 
     async def _call(self, client: Any, prompt: str | list[dict], sampling: dict) -> Completion:
@@ -409,7 +490,8 @@ class LLMClient:
         return Completion(text=text, finish_reason=str(choice.finish_reason or "stop"),
                           prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
                           completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
-                          model=str(getattr(response, "model", "") or ""))
+                          model=str(getattr(response, "model", "") or ""),
+                          top_logprobs=_top_logprobs(getattr(choice, "logprobs", None)))
 
     async def check(self) -> None:
         """Fail now, clearly, on an unreachable endpoint, a wrong key or an unknown model.
@@ -469,6 +551,20 @@ class LLMClient:
         self._semaphores.pop(id(asyncio.get_running_loop()), None)
         if client is not None:
             await client.close()
+
+
+def _top_logprobs(logprobs: Any) -> list[list[dict]] | None:
+    """The per-token top logprobs of a choice, in one shape for both APIs (None when there are none)."""
+    if logprobs is None:
+        return None
+    content = getattr(logprobs, "content", None)
+    if content is not None:  # chat: [{token, logprob, top_logprobs: [{token, logprob}]}]
+        return [[{"token": t.token, "logprob": float(t.logprob)} for t in (position.top_logprobs or [])]
+                for position in content]
+    top = getattr(logprobs, "top_logprobs", None)
+    if top is not None:  # completions: [{token: logprob}]
+        return [[{"token": token, "logprob": float(lp)} for token, lp in (position or {}).items()] for position in top]
+    return None
 
 
 def _error_code(err: Exception) -> str | None:

@@ -1,4 +1,4 @@
-"""Self-instruct data from a teacher model, Stanford Alpaca's recipe on Ray Data.
+"""Self-instruct data from a teacher model, Stanford Alpaca's recipe on Ray actors.
 
 ``generate(GenerateConfig(output=..., target=...))`` runs, resumes or reprocesses a generation;
 ``alpaca-ray generate`` and ``jobs/generate.py`` are its command-line faces.

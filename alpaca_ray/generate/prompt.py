@@ -1,7 +1,8 @@
 """Alpaca's self-instruct prompt: a header, three seed tasks as a numbered list, and ``4. Instruction:``.
 
-The header is a template the user can replace (``--prompt-template FILE``); this module's default says
-what Alpaca's ``prompt.txt`` asks for, in its own words. The list that follows is built exactly as
+The header is a template the user can replace (``--prompt-template FILE_OR_URL``: the Alpaca recipe names
+Stanford's ``prompt.txt`` at a pinned commit); this module's default says what Alpaca's ``prompt.txt``
+asks for, in its own words. The list that follows is built exactly as
 Alpaca's ``encode_prompt`` builds it.
 """
 
@@ -48,19 +49,23 @@ class SeedExample:
     output: str
 
 
-def read_header(path: str | None) -> str:
-    """The prompt header: the text of ``path``, or :data:`DEFAULT_HEADER` when no file is given."""
+def read_header(path: str | None, name: str | None = None) -> str:
+    """The prompt header: the text of ``path``, or :data:`DEFAULT_HEADER` when no file is given.
+
+    ``name`` is what errors call the file (the URL a cached copy came from)."""
     if not path:
         return DEFAULT_HEADER
+    name = name or path
     try:
+        # Read as Alpaca's encode_prompt reads prompt.txt (open().read(): universal newlines).
         with open(path, encoding="utf-8") as handle:
             text = handle.read()
     except FileNotFoundError:
-        raise UserError(f"{path}: no such prompt template file") from None
+        raise UserError(f"{name}: no such prompt template file") from None
     except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: cannot read the prompt template: {err}") from None
+        raise UserError(f"{name}: cannot read the prompt template: {err}") from None
     if not text.strip():
-        raise UserError(f"{path}: the prompt template is empty")
+        raise UserError(f"{name}: the prompt template is empty")
     return text
 
 

@@ -14,11 +14,13 @@ from alpaca_ray.generate.prompt import SeedExample
 from alpaca_ray.records import RecordError
 
 
-def read_seed_tasks(path: str | os.PathLike) -> list[SeedExample]:
-    """Every seed task of ``path`` as a :class:`SeedExample`; raise :class:`RecordError` on the first bad line."""
-    path = str(path)
+def read_seed_tasks(path: str | os.PathLike, name: str | None = None) -> list[SeedExample]:
+    """Every seed task of ``path`` as a :class:`SeedExample`; raise :class:`RecordError` on the first bad line.
+
+    ``name`` is what errors call the file (the URL a cached copy came from)."""
+    file_path, path = str(path), str(name or path)
     try:
-        with open(path, encoding="utf-8") as handle:
+        with open(file_path, encoding="utf-8") as handle:
             # split("\n"), not splitlines(): that also cuts at U+2028, U+0085... inside a JSON string.
             lines = handle.read().split("\n")
     except FileNotFoundError:

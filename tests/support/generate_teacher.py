@@ -62,10 +62,11 @@ class SelfInstructTeacher:
 
     ``faults`` maps a request's arrival number (0-based) to a :class:`Reply` sent instead of an answer,
     or to ``"length"`` (a list cut off mid-task, ``finish_reason="length"``) or ``"malformed"`` (prose).
-    Every answer holds ``good_tasks`` keepable tasks plus the 4 planted rejects.
+    Every answer holds ``good_tasks`` keepable tasks plus the 4 planted rejects. ``delay_s`` is the
+    latency of every answer, or ``(low, high)`` for one drawn uniformly per answer (seeded).
     """
 
-    def __init__(self, good_tasks: int = 10, repeat_label: bool = False, delay_s: float = 0.0,
+    def __init__(self, good_tasks: int = 10, repeat_label: bool = False, delay_s: float | tuple[float, float] = 0.0,
                  faults: dict[int, Reply | str] | None = None, seed: int = 0,
                  on_request: Callable[[int], None] | None = None):
         self.good_tasks, self.repeat_label, self.delay_s = good_tasks, repeat_label, delay_s
@@ -111,10 +112,11 @@ class SelfInstructTeacher:
         match = re.search(r"(\d+)\. Instruction:\s*$", prompt or "")
         first = int(match.group(1)) if match else 4
         rng = random.Random(self.seed * 1_000_003 + number)
+        delay = self.delay_s if not isinstance(self.delay_s, tuple) else rng.uniform(*self.delay_s)
         if fault == "malformed":
-            return Reply(MALFORMED_TEXT, delay_s=self.delay_s)
+            return Reply(MALFORMED_TEXT, delay_s=delay)
         with self.lock:
             self.answered += 1
         if fault == "length":
-            return Reply(self.answer_text(first, rng, length_cut=True), finish_reason="length", delay_s=self.delay_s)
-        return Reply(self.answer_text(first, rng), delay_s=self.delay_s)
+            return Reply(self.answer_text(first, rng, length_cut=True), finish_reason="length", delay_s=delay)
+        return Reply(self.answer_text(first, rng), delay_s=delay)

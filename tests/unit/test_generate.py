@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 
 from alpaca_ray.config import ConfigError, config_from_args, make_parser
 from alpaca_ray.generate.builder import DatasetBuilder, read_journal
-from alpaca_ray.generate.calls import make_requests, sampling_args
+from alpaca_ray.generate.calls import make_request, sampling_args
 from alpaca_ray.generate.config import ALPACA_BLACKLIST, BUNDLED_SEED_TASKS, GenerateConfig
 from alpaca_ray.generate.parse import FilterRules, drop_reason, parse_response
 from alpaca_ray.generate.prompt import DEFAULT_HEADER, SeedExample, encode_prompt, read_header
@@ -219,12 +218,13 @@ def test_prices():
     assert estimated_cost("my-local-teacher", 10**6, 0, {"input": 2.0, "output": 1.0})[0] == pytest.approx(2.0)
 
 
-def test_make_requests_samples_distinct_seed_tasks():
+def test_make_request_samples_distinct_seed_tasks():
     seeds = [SeedExample(str(i), f"Seed instruction number {i}.", "", "out") for i in range(10)]
-    requests = make_requests(5, seeds, "H\n", 3, random.Random(0), "run", first_number=7)
+    requests = [make_request(n, seeds, "H\n", 3, 0, "run") for n in range(7, 12)]
     assert [r["request_id"] for r in requests] == [f"run-{n:06d}" for n in range(7, 12)]
     for request in requests:
         assert len(set(request["seed_task_ids"])) == 3 and request["prompt"].endswith("###\n4. Instruction:")
+    assert make_request(9, seeds, "H\n", 3, 0, "other-run")["prompt"] == requests[2]["prompt"]  # (seed, number)
 
 
 def journal_record(request_id: str, text: str, t: float, finish_reason: str = "stop", **extra) -> dict:
