@@ -12,7 +12,9 @@ OpenAI-compatible endpoint (--model-a NAME --model-a-base-url URL) or a file of 
 (--model-a-answers FILE). The judge sees each pair in both orders; a preference counts only when it holds
 in both. Writes OUTPUT/report.json, report.md and report.png; a rerun into the same OUTPUT asks for nothing
 already answered. --human serves a blind rating page instead (Ray Serve); the next report includes the
-ratings. API keys are read from the environment variables named by the --*-api-key-env flags."""
+ratings. --judge-mode logprobs judges as AlpacaEval 2 does (one token, preference from its logprobs);
+--annotations FILE builds the report from an AlpacaEval annotations.json without asking anyone. API keys
+are read from the environment variables named by the --*-api-key-env flags."""
 
 
 def summary_line(report: dict) -> str:
@@ -25,9 +27,10 @@ def summary_line(report: dict) -> str:
 
     lc = judge["length_controlled"]
     return (f"{report['model_a']} (A) vs {report['model_b']} (B): A win rate {pct(judge['win_rate'])} "
-            f"[95% CI {pct(judge['ci_low'])}, {pct(judge['ci_high'])}], A {judge['wins']} / B {judge['losses']} / "
+            f"[95% CI {pct(judge['ci_low'])}, {pct(judge['ci_high'])}; s.e. {pct(judge['standard_error'])}], "
+            f"discrete {pct(judge['discrete_win_rate'])}, A {judge['wins']} / B {judge['losses']} / "
             f"tie {judge['ties']} (unparseable {judge['unparseable']}, inconsistent {judge['inconsistent']}); "
-            f"length-controlled {pct(lc['win_rate'])}")
+            f"length-controlled {pct(lc['win_rate'])} ({lc['form']})")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from alpaca_ray.evaluate.alpaca_eval import chat_messages
 from alpaca_ray.evaluate.eval_sets import EvalItem
 from alpaca_ray.evaluate.judge import ORDERS, judge_prompt
 from alpaca_ray.llm_client import EndpointConfig, LLMClient, LLMError, RawJournal
@@ -78,7 +79,8 @@ def judge_requests(items: list[EvalItem], answers_a: dict[str, str], answers_b: 
         for order in ORDERS:
             first, second = (answers_a, answers_b) if order == "ab" else (answers_b, answers_a)
             text = judge_prompt(template, item.instruction, item.input, first[item.id], second[item.id])
-            prompt: str | list[dict] = text if endpoint.api == "completions" else [{"role": "user", "content": text}]
+            # A template of <|im_start|>role blocks (AlpacaEval's) becomes those messages; others one user message.
+            prompt: str | list[dict] = text if endpoint.api == "completions" else chat_messages(text)
             key = request_key(endpoint.model, endpoint.api, prompt, sampling)
             requests[(item.id, order)] = Request(key, "judge", JUDGE_JOURNAL, prompt,
                                                  {"item_id": item.id, "order": order})
@@ -137,6 +139,8 @@ class RequestRunner:
             "finish_reason": completion.finish_reason, "retries": completion.retries,
             "usage": {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens},
         }
+        if completion.top_logprobs is not None:  # the logprob judge's answer is these, not the text
+            record["top_logprobs"] = completion.top_logprobs
         journal = self._journal(request.journal)
         journal.append(record)
         # The record also goes back to the driver, which keeps a copy where it cannot see this worker's file

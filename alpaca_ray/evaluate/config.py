@@ -52,7 +52,24 @@ class EvaluateConfig:
     judge_api: Literal["chat", "completions"] = option("chat", "API the judge is asked through")
     judge_template: str = option("", "file with a replacement judge prompt; it must contain {instruction}, {input}, "
                                  "{output_1} and {output_2} and ask for 'Winner: 1', 'Winner: 2' or 'Winner: tie'")
-    judge_max_tokens: int = option(256, "most tokens per judge answer")
+    judge_max_tokens: int = option(256, "most tokens per judge answer (verdict mode; logprobs mode asks for one)")
+    judge_mode: Literal["verdict", "logprobs"] = option(
+        "verdict", "how the judge answers: 'verdict' (it writes 'Winner: 1|2|tie'; a preference counts when it holds "
+        "in both orders) or 'logprobs' (AlpacaEval 2's protocol: one token, m or M, and the preference is read from "
+        "the two tokens' probabilities in the returned top_logprobs; the endpoint must return logprobs)")
+    max_unparseable: float = option(0.1, "stop with the raw judge answers when more than this share of pairs got a "
+                                    "judge answer naming no winner (instead of reporting them as ties)")
+
+    annotations: str = option("", "an AlpacaEval annotations.json: build the whole report from its preferences "
+                              "(model A = generator_2, model B = generator_1) without asking any model or judge")
+    instruction_difficulty: str = option("", "AlpacaEval's instruction_difficulty.csv (index, instruction_difficulty) "
+                                         "for the length-controlled win rate; without it a documented stand-in "
+                                         "is used (model B's answer length) and the report says so")
+    lc_gamed_annotations: str = option("", "AlpacaEval's df_gamed.csv (the baseline's verbose and concise answers, "
+                                       "featurised): fitted beside the model's at weight 0.1 each, AlpacaEval's "
+                                       "regularisation of the length-controlled win rate towards its baseline")
+    lc_bootstrap_samples: int = option(200, "bootstrap resamples (each a refit) for the length-controlled win "
+                                       "rate's 95 percent interval")
 
     requests_per_minute: int = option(600, "request budget per endpoint, shared by all workers")
     tokens_per_minute: int = option(1_000_000, "token budget per endpoint, shared by all workers")
@@ -81,18 +98,27 @@ class EvaluateConfig:
             (not storage.is_remote(self.output), "output: must be a local or shared filesystem path "
              f"(got {self.output!r}); s3:// and gs:// are not supported for the answer journals"),
         ]
-        for side in ("a", "b"):
-            name, url, answers = (getattr(self, f"model_{side}{s}") for s in ("", "_base_url", "_answers"))
-            flag = f"--model-{side}"
+        if self.annotations:
+            given = [f for f in ("model_a", "model_a_base_url", "model_a_answers", "model_b", "model_b_base_url",
+                                 "model_b_answers") if getattr(self, f)]
             checks += [
-                (bool(answers) != bool(name or url),
-                 f"model_{side}: give either {flag} NAME with {flag}-base-url URL, or {flag}-answers FILE"
-                 + (" (not both)" if answers and (name or url) else "")),
-                (bool(name) == bool(url) or bool(answers),
-                 f"model_{side}: {flag} and {flag}-base-url go together"),
+                (os.path.exists(self.annotations), f"annotations: no such file {self.annotations!r}"),
+                (not given, f"annotations: the file holds both models' answers; drop {', '.join(given)}"),
+                (not self.human, "annotations: --human rates pairs of an evaluation set, not an annotations file"),
             ]
-        if not self.human:
-            checks.append((bool(self.judge_model), "judge_model: a judge is required (--judge-model NAME)"))
+        else:
+            for side in ("a", "b"):
+                name, url, answers = (getattr(self, f"model_{side}{s}") for s in ("", "_base_url", "_answers"))
+                flag = f"--model-{side}"
+                checks += [
+                    (bool(answers) != bool(name or url),
+                     f"model_{side}: give either {flag} NAME with {flag}-base-url URL, or {flag}-answers FILE"
+                     + (" (not both)" if answers and (name or url) else "")),
+                    (bool(name) == bool(url) or bool(answers),
+                     f"model_{side}: {flag} and {flag}-base-url go together"),
+                ]
+            if not self.human:
+                checks.append((bool(self.judge_model), "judge_model: a judge is required (--judge-model NAME)"))
         checks += [
             (self.limit is None or self.limit > 0, "limit: must be positive"),
             (self.max_tokens > 0 and self.judge_max_tokens > 0, "max_tokens/judge_max_tokens: must be positive"),
@@ -104,6 +130,12 @@ class EvaluateConfig:
             (self.route_prefix.startswith("/"), "route_prefix: must start with '/'"),
             (not self.judge_template or os.path.exists(self.judge_template),
              f"judge_template: no such file {self.judge_template!r}"),
+            (0.0 <= self.max_unparseable <= 1.0, "max_unparseable: a share of the pairs, in 0..1"),
+            (self.lc_bootstrap_samples >= 0, "lc_bootstrap_samples: must be >= 0"),
+            (not self.instruction_difficulty or os.path.exists(self.instruction_difficulty),
+             f"instruction_difficulty: no such file {self.instruction_difficulty!r}"),
+            (not self.lc_gamed_annotations or os.path.exists(self.lc_gamed_annotations),
+             f"lc_gamed_annotations: no such file {self.lc_gamed_annotations!r}"),
         ]
         validate(self, checks)
 

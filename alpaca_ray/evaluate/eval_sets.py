@@ -184,3 +184,13 @@ def default_eval_set(bundled: str) -> str:
     if not os.path.exists(bundled):
         raise UserError(f"the bundled evaluation set {bundled} is missing; pass --eval-set FILE")
     return bundled
+
+
+def generator_of(source: str, split: str = "train") -> str | None:
+    """The ``generator`` an answers file names (AlpacaEval's model_outputs.json carries one), when all its rows
+    name the same one; None otherwise."""
+    names = {row.get("generator") for _, row in _rows(str(source), split) if isinstance(row, dict)}
+    if len(names) == 1:
+        (name,) = names
+        return name if isinstance(name, str) and name.strip() else None
+    return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import json
 import os
 import sys
 import uuid
@@ -17,10 +18,17 @@ import uuid
 from alpaca_ray.cluster.preflight import finish, preflight_stage
 from alpaca_ray.cluster.ray_cluster import ensure_ray
 from alpaca_ray.cluster.services import wait_for_stop_signal
+from alpaca_ray.cluster.storage import exists, read_text, write_text
 from alpaca_ray.config import UserError, config_to_dict
-from alpaca_ray.evaluate import collect, judge, report
+from alpaca_ray.evaluate import alpaca_eval, collect, judge, length_control, report
 from alpaca_ray.evaluate.config import BUNDLED_EVAL_SET, EvaluateConfig
-from alpaca_ray.evaluate.eval_sets import EvalItem, default_eval_set, load_answers, load_eval_set
+from alpaca_ray.evaluate.eval_sets import (
+    EvalItem,
+    default_eval_set,
+    generator_of,
+    load_answers,
+    load_eval_set,
+)
 from alpaca_ray.evaluate.ratings import read_ratings
 from alpaca_ray.llm_client import EndpointConfig, LLMClient, LLMError, Secret
 
@@ -60,9 +68,40 @@ def api_key_for(endpoint: EndpointConfig, name: str) -> Secret | None:
     return None
 
 
+def judge_sampling(config: EvaluateConfig) -> dict:
+    """The judge's request settings: a reasoned verdict, or AlpacaEval 2's one token with its top logprobs."""
+    if config.judge_mode == "verdict":
+        return {"max_tokens": config.judge_max_tokens, "temperature": 0.0}
+    if config.judge_api == "completions":  # the completions API takes the number of top logprobs as `logprobs`
+        return {"max_tokens": 1, "temperature": alpaca_eval.LOGPROB_SAMPLING["temperature"],
+                "logprobs": alpaca_eval.LOGPROB_SAMPLING["top_logprobs"]}
+    return dict(alpaca_eval.LOGPROB_SAMPLING)
+
+
 def sampling_for(config: EvaluateConfig) -> dict[str, dict]:
     answer = {"max_tokens": config.max_tokens, "temperature": config.temperature}
-    return {"a": answer, "b": answer, "judge": {"max_tokens": config.judge_max_tokens, "temperature": 0.0}}
+    return {"a": answer, "b": answer, "judge": judge_sampling(config)}
+
+
+def check_judge_logprobs(config: EvaluateConfig, endpoint: EndpointConfig, api_key: Secret | None) -> None:
+    """Logprobs mode: one one-token probe, so a judge endpoint that returns no logprobs fails the run before
+    any answer or verdict is paid for (the judge's preferences would otherwise all be unparseable)."""
+    if config.judge_mode != "logprobs":
+        return
+    quick = dataclasses.replace(endpoint, timeout_s=min(endpoint.timeout_s, 30.0), max_retries=min(endpoint.max_retries, 2))
+    client = LLMClient(quick, api_key=api_key)
+    prompt = judge.judge_prompt(judge.load_template(config.judge_template, "logprobs"), "Say hello.", "", "Hello!", "Hi.")
+    request: str | list[dict] = prompt if endpoint.api == "completions" else alpaca_eval.chat_messages(prompt)
+    try:
+        completion = client.complete_sync(request, **judge_sampling(config))
+    except LLMError as err:
+        raise UserError(f"the judge ({endpoint.model} at {endpoint.base_url}) failed the logprobs probe: {err}") from None
+    if not completion.top_logprobs or not completion.top_logprobs[0]:
+        raise UserError(
+            f"the judge ({endpoint.model} at {endpoint.base_url}) returned no logprobs for a request with "
+            f"{'logprobs=5' if endpoint.api == 'completions' else 'logprobs=true, top_logprobs=5'} (it answered "
+            f"{completion.text[:40]!r}); --judge-mode logprobs needs an endpoint that returns them (OpenAI's chat "
+            "models, vLLM, llama.cpp's server do), or use --judge-mode verdict. Nothing was paid for beyond this probe.")
 
 
 def check_endpoints(endpoints: dict[str, EndpointConfig], api_keys: dict[str, Secret | None]) -> None:
@@ -127,12 +166,26 @@ def execute_requests(requests: list[collect.Request], endpoints: dict[str, Endpo
         ).take_all()
     finally:
         finish(node_check)
+        if config.requests_per_minute or config.tokens_per_minute:
+            record_rate_limits(config.output, {name: ray.get(h.report.remote(), timeout=30)
+                                               for name, h in limiters.items()})
         for handle in limiters.values():
             ray.kill(handle)
     copied = collect.keep_unseen_records(results, os.path.abspath(config.output))
     if copied:
         log(f"{copied} answers came from workers whose journals this node cannot see; copied them here")
     return [row["error"] for row in results if row["error"]]
+
+
+def record_rate_limits(output: str, reports: dict[str, dict]) -> None:
+    """Keep what each endpoint's limiter granted in ``OUTPUT/rate_limits.json`` (latest collection per endpoint).
+
+    The grant times are what the limits are kept by (arrival at a server jitters with load), so this is the
+    record to check a run's pacing against.
+    """
+    path = os.path.join(output, "rate_limits.json")
+    recorded = json.loads(read_text(path)) if exists(path) else {}
+    write_text(path, json.dumps({**recorded, **reports}, indent=2))
 
 
 def _raise_failures(errors: list[str], what: str) -> None:
@@ -176,6 +229,8 @@ def collect_answers(config: EvaluateConfig, items: list[EvalItem], check_judge: 
         to_check["judge"] = endpoint_for(config, "judge")
         api_keys["judge"] = api_key_for(to_check["judge"], "judge")
     check_endpoints(to_check, api_keys)
+    if "judge" in to_check:
+        check_judge_logprobs(config, to_check["judge"], api_keys["judge"])
     _raise_failures(execute_requests(todo, endpoints, api_keys, config), "answer")
     for side, side_requests in requests.items():
         saved = collect.read_journals(config.output, collect.ANSWER_JOURNALS[side])
@@ -184,9 +239,9 @@ def collect_answers(config: EvaluateConfig, items: list[EvalItem], check_judge: 
 
 
 def judge_pairs(config: EvaluateConfig, items: list[EvalItem], answers: dict[str, dict[str, str]]
-                ) -> dict[str, tuple[str, str]]:
-    """The judge's raw answers (A shown first, B shown first) by item id, asking only for what is missing."""
-    template = judge.load_template(config.judge_template)
+                ) -> dict[str, tuple[dict, dict]]:
+    """The judge's journaled answers (A shown first, B shown first) by item id, asking only for what is missing."""
+    template = judge.load_template(config.judge_template, config.judge_mode)
     endpoint = endpoint_for(config, "judge")
     requests = collect.judge_requests(items, answers["a"], answers["b"], template, endpoint,
                                       sampling_for(config)["judge"])
@@ -197,10 +252,10 @@ def judge_pairs(config: EvaluateConfig, items: list[EvalItem], answers: dict[str
     if todo:
         api_keys = {"judge": api_key_for(endpoint, "judge")}
         check_endpoints({"judge": endpoint}, api_keys)
+        check_judge_logprobs(config, endpoint, api_keys["judge"])
         _raise_failures(execute_requests(todo, {"judge": endpoint}, api_keys, config), "judge")
         saved = collect.read_journals(config.output, collect.JUDGE_JOURNAL)
-    return {item.id: (saved[requests[(item.id, "ab")].key]["text"], saved[requests[(item.id, "ba")].key]["text"])
-            for item in items}
+    return {item.id: (saved[requests[(item.id, "ab")].key], saved[requests[(item.id, "ba")].key]) for item in items}
 
 
 def load_items(config: EvaluateConfig) -> list[EvalItem]:
@@ -208,49 +263,134 @@ def load_items(config: EvaluateConfig) -> list[EvalItem]:
     return load_eval_set(source, config.eval_split, config.limit)
 
 
-def report_meta(config: EvaluateConfig) -> dict:
-    return {"model_a": config.label("a"), "model_b": config.label("b"), "judge": config.judge_model or None,
-            "eval_set": config.eval_set or "bundled (alpaca_ray/data/eval_set.jsonl)",
+def report_meta(config: EvaluateConfig, labels: dict[str, str] | None = None) -> dict:
+    labels = labels or {side: answer_label(config, side) for side in ("a", "b")}
+    return {"model_a": labels["a"], "model_b": labels["b"], "judge": config.judge_model or None,
+            "judge_mode": config.judge_mode, "eval_set": config.eval_set or "bundled (alpaca_ray/data/eval_set.jsonl)",
             "judge_template": config.judge_template or "default", "config": config_to_dict(config)}
 
 
+def answer_label(config: EvaluateConfig, side: str) -> str:
+    """A model's name in the report: --model-X-label, else the ``generator`` its answers file names, else
+    its model name or file name."""
+    if not getattr(config, f"model_{side}_label"):
+        recorded = getattr(config, f"model_{side}_answers")
+        generator = generator_of(recorded) if recorded else None
+        if generator:
+            return generator
+    return config.label(side)
+
+
+def length_control_inputs(config: EvaluateConfig, instructions: list[str]) -> dict:
+    """``difficulty`` and ``gamed`` for the length control, from the files the config names (None when not)."""
+    gamed = (length_control.read_gamed_annotations(config.lc_gamed_annotations)
+             if config.lc_gamed_annotations else None)
+    return {"difficulty": difficulty_for(config, instructions), "gamed": gamed}
+
+
+def difficulty_for(config: EvaluateConfig, instructions: list[str]):
+    """The instructions' difficulties from --instruction-difficulty, or None (the length control's fallback)."""
+    if not config.instruction_difficulty:
+        return None
+    table = length_control.read_instruction_difficulty(config.instruction_difficulty)
+    return length_control.difficulty_for(instructions, table, config.instruction_difficulty)
+
+
+def judged_outcome(config: EvaluateConfig, record_ab: dict, record_ba: dict) -> judge.PairOutcome:
+    """One pair's debiased outcome from the judge's two journaled answers, read as --judge-mode says."""
+    if config.judge_mode == "logprobs":
+        return judge.combine_logprob_orders(judge.a_probability(record_ab.get("top_logprobs"), "ab"),
+                                            judge.a_probability(record_ba.get("top_logprobs"), "ba"))
+    return judge.combine_orders(judge.parse_verdict(record_ab["text"]), judge.parse_verdict(record_ba["text"]))
+
+
+def raw_answer(record: dict) -> str:
+    """What the judge said, for people: its text, and in logprobs mode the top tokens it weighed."""
+    top = record.get("top_logprobs")
+    if not top:
+        return record["text"]
+    tokens = ", ".join(f"{t['token']!r}: {t['logprob']:.3f}" for t in top[0][:5])
+    return f"{record['text']} (top logprobs: {tokens})"
+
+
 def make_report(config: EvaluateConfig, items: list[EvalItem], answers: dict[str, dict[str, str]],
-                raw_verdicts: dict[str, tuple[str, str]] | None) -> dict:
-    """Parse and debias the verdicts, add any human ratings, and write report.json/.md/.png."""
+                raw_verdicts: dict[str, tuple[dict, dict]] | None) -> dict:
+    """Parse and debias the verdicts, add any human ratings, and write report.json/.md/.png (and, for a judged
+    run, model_outputs.json and annotations.json in AlpacaEval's format)."""
     results = []
     for item in items:
         result = report.ItemResult(item, answers["a"][item.id], answers["b"][item.id])
         if raw_verdicts is not None:
-            result.raw_ab, result.raw_ba = raw_verdicts[item.id]
-            verdicts = judge.parse_verdict(result.raw_ab), judge.parse_verdict(result.raw_ba)
-            result.judged = judge.combine_orders(*verdicts)
+            record_ab, record_ba = raw_verdicts[item.id]
+            result.raw_ab, result.raw_ba = raw_answer(record_ab), raw_answer(record_ba)
+            result.judged = judged_outcome(config, record_ab, record_ba)
         results.append(result)
+    if raw_verdicts is not None:
+        judge.check_unparseable([(r.item.id, r.raw_ab, r.raw_ba) for r in results if r.judged.unparseable],
+                                len(results), config.max_unparseable)
     ratings = [r for r in read_ratings(config.human_db_path) if r.item_id in answers["a"]]
-    built = report.build_report(results, report_meta(config), ratings, samples=config.bootstrap_samples,
-                                seed=config.seed)
+    meta = report_meta(config)
+    built = report.build_report(results, meta, ratings, samples=config.bootstrap_samples, seed=config.seed,
+                                **length_control_inputs(config, [i.instruction for i in items]),
+                                lc_samples=config.lc_bootstrap_samples)
+    paths = report.write_report(built, config.output)
+    if raw_verdicts is not None:
+        report.write_alpaca_eval_files(results, meta["model_a"], meta["model_b"],
+                                       f"{config.judge_model} ({config.judge_mode})", config.output)
+    log(f"report written: {paths['md']}")
+    return built
+
+
+def run_from_annotations(config: EvaluateConfig) -> dict:
+    """The whole report from an AlpacaEval ``annotations.json``: no model and no judge is asked anything.
+
+    Model A is AlpacaEval's model (``generator_2``, ``output_2``), model B its baseline (``generator_1``).
+    """
+    os.makedirs(config.output, exist_ok=True)
+    rows = alpaca_eval.load_annotations(config.annotations)
+    log(f"{len(rows)} annotations from {config.annotations}")
+    items, answers, results = [], {"a": {}, "b": {}}, []
+    for index, row in enumerate(rows):
+        item = EvalItem(f"item-{index}", row.instruction, category=row.dataset)
+        items.append(item)
+        answers["a"][item.id], answers["b"][item.id] = row.output_2, row.output_1
+        result = report.ItemResult(item, row.output_2, row.output_1)
+        result.judged = judge.from_alpaca_eval_preference(row.preference)
+        results.append(result)
+    labels = {"a": config.model_a_label or ",".join(sorted({r.generator_2 for r in rows})),
+              "b": config.model_b_label or ",".join(sorted({r.generator_1 for r in rows}))}
+    meta = {**report_meta(config, labels), "judge": "AlpacaEval annotations", "judge_mode": "annotations",
+            "eval_set": config.annotations}
+    built = report.build_report(results, meta, samples=config.bootstrap_samples, seed=config.seed,
+                                **length_control_inputs(config, [i.instruction for i in items]),
+                                lc_samples=config.lc_bootstrap_samples)
     paths = report.write_report(built, config.output)
     log(f"report written: {paths['md']}")
     return built
 
 
 def existing_verdicts(config: EvaluateConfig, items: list[EvalItem], answers: dict[str, dict[str, str]]
-                      ) -> dict[str, tuple[str, str]] | None:
+                      ) -> dict[str, tuple[dict, dict]] | None:
     """Verdicts already journaled for every pair (for a human-only report), or None when some are missing."""
     if not config.judge_model:
         return None
-    template = judge.load_template(config.judge_template)
+    template = judge.load_template(config.judge_template, config.judge_mode)
     endpoint = endpoint_for(config, "judge")
     requests = collect.judge_requests(items, answers["a"], answers["b"], template, endpoint,
                                       sampling_for(config)["judge"])
     saved = collect.read_journals(config.output, collect.JUDGE_JOURNAL)
     if any(r.key not in saved for r in requests.values()):
         return None
-    return {item.id: (saved[requests[(item.id, "ab")].key]["text"], saved[requests[(item.id, "ba")].key]["text"])
-            for item in items}
+    return {item.id: (saved[requests[(item.id, "ab")].key], saved[requests[(item.id, "ba")].key]) for item in items}
 
 
 def run_evaluate(config: EvaluateConfig) -> dict:
-    """The LLM-judged comparison: answers, verdicts, report. Returns the report (also written to OUTPUT)."""
+    """The LLM-judged comparison: answers, verdicts, report. Returns the report (also written to OUTPUT).
+
+    With ``config.annotations`` the report is built from an AlpacaEval annotations file instead.
+    """
+    if config.annotations:
+        return run_from_annotations(config)
     os.makedirs(config.output, exist_ok=True)
     items = load_items(config)
     log(f"{len(items)} items from {config.eval_set_path}")

@@ -12,13 +12,16 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from alpaca_ray.evaluate import stats
+import numpy as np
+
+from alpaca_ray.evaluate import alpaca_eval, length_control, stats
 from alpaca_ray.evaluate.eval_sets import EvalItem
 from alpaca_ray.evaluate.judge import PairOutcome
 from alpaca_ray.evaluate.ratings import Rating
 
-WIN_RATE_NOTE = ("win rate = model A's share of wins against model B, ties counted as half a win; "
-                 "95% percentile bootstrap interval over items")
+WIN_RATE_NOTE = ("win rate = model A's mean score against model B (a win 1, a tie 0.5, a loss 0, a probability-"
+                 "weighted preference in between; AlpacaEval's win_rate); discrete win rate = the same with each "
+                 "pair rounded to a win, a loss or a tie; 95% percentile bootstrap interval over items")
 MAX_CHART_CATEGORIES = 15
 
 
@@ -40,24 +43,36 @@ class ItemResult:
         return len(self.answer_b.split())
 
 
-def llm_judge_section(results: Sequence[ItemResult], samples: int, seed: int) -> dict:
+def llm_judge_section(results: Sequence[ItemResult], samples: int, seed: int, difficulty: np.ndarray | None = None,
+                      lc_samples: int = 200, gamed: length_control.GamedAnnotations | None = None) -> dict:
     judged = [r for r in results if r.judged is not None]
-    outcomes = [r.judged.outcome for r in judged]
-    lengths_a, lengths_b = [r.words_a for r in judged], [r.words_b for r in judged]
-    section = stats.summarize(outcomes, samples=samples, seed=seed)
+    # A pair with no score at all (an AlpacaEval annotation with a null preference) is left out, as AlpacaEval
+    # leaves it out; our own unparseable pairs score 0.5 (a tie) and stay in.
+    scored = [r for r in judged if not math.isnan(r.judged.score)]
+    scores = [r.judged.score for r in scored]
+    lengths_a, lengths_b = [r.words_a for r in scored], [r.words_b for r in scored]
+    section = stats.summarize(scores, samples=samples, seed=seed)
     section["unparseable"] = sum(r.judged.unparseable for r in judged)
     section["inconsistent"] = sum(r.judged.inconsistent for r in judged)
-    section["by_category"] = stats.by_group(outcomes, [r.item.category for r in judged], samples=samples, seed=seed)
+    section["by_category"] = stats.by_group(scores, [r.item.category for r in scored], samples=samples, seed=seed)
     buckets = [stats.length_bucket(a, b) for a, b in zip(lengths_a, lengths_b)]
-    by_length = stats.by_group(outcomes, buckets, samples=samples, seed=seed)
+    by_length = stats.by_group(scores, buckets, samples=samples, seed=seed)
     section["by_length"] = {b: by_length[b] for b in stats.LENGTH_BUCKETS if b in by_length}
-    section["longer_answer_wins"] = stats.longer_answer_win_rate(outcomes, lengths_a, lengths_b)
-    lc = stats.length_controlled_win_rate(outcomes, lengths_a, lengths_b)
-    lc["ci_low"], lc["ci_high"] = stats.length_controlled_ci(outcomes, lengths_a, lengths_b,
-                                                            samples=samples, seed=seed)
-    section["length_controlled"] = lc
-    section["mean_words_a"] = sum(lengths_a) / len(judged) if judged else math.nan
-    section["mean_words_b"] = sum(lengths_b) / len(judged) if judged else math.nan
+    section["longer_answer_wins"] = stats.longer_answer_win_rate(scores, lengths_a, lengths_b)
+    all_scores = [r.judged.score for r in judged]
+    keep = [i for i, r in enumerate(results) if r.judged is not None]
+    section["length_controlled"] = length_control.length_controlled_win_rate(
+        all_scores, [r.answer_a for r in judged], [r.answer_b for r in judged],
+        difficulty=None if difficulty is None else np.asarray(difficulty)[keep], bootstrap_samples=lc_samples,
+        seed=seed, gamed=gamed)
+    # The same numbers as AlpacaEval prints them (percent; A is its model, B its baseline), for comparison with
+    # its leaderboards.
+    lc = section["length_controlled"]
+    section["alpaca_eval"] = {**alpaca_eval.head2head([1.0 + s for s in all_scores]),
+                              "length_controlled_winrate": 100 * lc["win_rate"],
+                              "lc_standard_error": 100 * lc["standard_error"]}
+    section["mean_words_a"] = sum(lengths_a) / len(scored) if scored else math.nan
+    section["mean_words_b"] = sum(lengths_b) / len(scored) if scored else math.nan
     return section
 
 
@@ -104,8 +119,14 @@ def human_section(ratings: Sequence[Rating], judge_outcomes: dict[str, str], sam
 
 
 def build_report(results: Sequence[ItemResult], meta: dict, ratings: Sequence[Rating] = (),
-                 samples: int = 2000, seed: int = 0) -> dict:
-    """The whole report as a JSON-safe dict (NaN becomes null when written)."""
+                 samples: int = 2000, seed: int = 0, difficulty: np.ndarray | None = None,
+                 lc_samples: int = 200, gamed: length_control.GamedAnnotations | None = None) -> dict:
+    """The whole report as a JSON-safe dict (NaN becomes null when written).
+
+    ``difficulty``: AlpacaEval's instruction difficulty per result (None: the length control's fallback);
+    ``lc_samples``: bootstrap refits for the length-controlled win rate's interval; ``gamed``: AlpacaEval's
+    df_gamed.csv rows for its regularisation towards the baseline.
+    """
     judged = [r for r in results if r.judged is not None]
     judge_outcomes = {r.item.id: r.judged.outcome for r in judged}
     human_by_item: dict[str, list[dict]] = defaultdict(list)
@@ -116,7 +137,7 @@ def build_report(results: Sequence[ItemResult], meta: dict, ratings: Sequence[Ra
         row = {**r.item.to_dict(), "words_a": r.words_a, "words_b": r.words_b,
                "answer_a": r.answer_a, "answer_b": r.answer_b}
         if r.judged is not None:
-            row.update(outcome=r.judged.outcome, preference_a_first=r.judged.preference_ab,
+            row.update(outcome=r.judged.outcome, score=r.judged.score, preference_a_first=r.judged.preference_ab,
                        preference_b_first=r.judged.preference_ba, unparseable=r.judged.unparseable,
                        inconsistent=r.judged.inconsistent, judge_raw_a_first=r.raw_ab, judge_raw_b_first=r.raw_ba)
         if human_by_item.get(r.item.id):
@@ -126,7 +147,7 @@ def build_report(results: Sequence[ItemResult], meta: dict, ratings: Sequence[Ra
         **meta,
         "n_items": len(results),
         "note": WIN_RATE_NOTE,
-        "llm_judge": llm_judge_section(results, samples, seed) if judged else None,
+        "llm_judge": llm_judge_section(results, samples, seed, difficulty, lc_samples, gamed) if judged else None,
         "human": human_section(ratings, judge_outcomes, samples, seed) if ratings else None,
         "items": items,
     }
@@ -151,12 +172,26 @@ def _num(value: float | None, digits: int = 2) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
+JUDGE_MODES = {
+    "verdict": "each pair shown in both orders; a preference counts only when the same in both, otherwise it is a tie",
+    "logprobs": "AlpacaEval 2's protocol: one token, m or M, preference from the two tokens' probabilities; each "
+                "pair shown in both orders and A's probabilities averaged",
+    "annotations": "preferences read from an AlpacaEval annotations file; no judge was asked",
+}
+
+
 def _summary_table(rows: dict[str, dict], header: str) -> list[str]:
     lines = [f"| {header} | n | A wins | B wins | ties | A win rate | 95% CI |", "|---|---:|---:|---:|---:|---:|---|"]
     for name, s in rows.items():
         lines.append(f"| {name} | {s['n']} | {s['wins']} | {s['losses']} | {s['ties']} | {_pct(s['win_rate'])} | "
                      f"{_pct(s['ci_low'])} – {_pct(s['ci_high'])} |")
     return lines
+
+
+def _preference(value: object) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
 def _cell(text: str, width: int = 60) -> str:
@@ -168,22 +203,33 @@ def report_markdown(report: dict) -> str:
     a, b = report["model_a"], report["model_b"]
     lines = [f"# Pairwise evaluation: {a} (A) vs {b} (B)", "",
              f"- evaluation set: `{report.get('eval_set', '')}` ({report['n_items']} items)",
-             f"- judge: `{report.get('judge') or 'none'}` (each pair shown in both orders; a preference counts only "
-             "when the same in both, otherwise it is a tie)", f"- {report['note']}", ""]
+             f"- judge: `{report.get('judge') or 'none'}` ({JUDGE_MODES.get(report.get('judge_mode') or 'verdict', '')})",
+             f"- {report['note']}", ""]
     judge = report.get("llm_judge")
     if judge:
         lc = judge["length_controlled"]
         longer = judge["longer_answer_wins"]
+        ae = judge["alpaca_eval"]
+        flips = "averaged" if report.get("judge_mode") == "logprobs" else "counted as ties"
         lines += ["## LLM judge", "",
                   f"**A win rate {_pct(judge['win_rate'])}** (95% CI {_pct(judge['ci_low'])} – "
-                  f"{_pct(judge['ci_high'])}): A won {judge['wins']}, B won {judge['losses']}, "
+                  f"{_pct(judge['ci_high'])}; standard error {_pct(judge['standard_error'])}; discrete win rate "
+                  f"{_pct(judge['discrete_win_rate'])}): A won {judge['wins']}, B won {judge['losses']}, "
                   f"{judge['ties']} ties, over {judge['n']} pairs.", "",
-                  f"- length-controlled win rate (AlpacaEval 2 style): **{_pct(lc['win_rate'])}** (95% CI "
-                  f"{_pct(lc['ci_low'])} – {_pct(lc['ci_high'])}; length coefficient {_num(lc['length_coef'])})",
+                  f"- length-controlled win rate: **{_pct(lc['win_rate'])}** (95% CI {_pct(lc['ci_low'])} – "
+                  f"{_pct(lc['ci_high'])}); form `{lc['form']}`: {lc.get('description', '')}; weights "
+                  + ", ".join(f"`{k}` {_num(v)}" for k, v in lc.get("weights", {}).items())
+                  + ("; regularised towards the baseline with AlpacaEval's df_gamed.csv"
+                     if lc.get("regularized_to_baseline") else "; no df_gamed.csv, so no pull towards the baseline")
+                  + (f" ({lc['note']})" if lc.get("note") else ""),
+                  f"- as AlpacaEval reports it (A = its model, B = its baseline): win_rate {_num(ae['win_rate'])}, "
+                  f"standard_error {_num(ae['standard_error'])}, discrete_win_rate {_num(ae['discrete_win_rate'])}, "
+                  f"length_controlled_winrate {_num(ae['length_controlled_winrate'])}, n_wins {ae['n_wins']}, "
+                  f"n_wins_base {ae['n_wins_base']}, n_draws {ae['n_draws']}, n_total {ae['n_total']}",
                   f"- the longer answer won {longer['longer_won']} of {longer['decided_pairs']} decided pairs "
                   f"({_pct(longer['rate'])}); mean length A {_num(judge['mean_words_a'], 1)} words, "
                   f"B {_num(judge['mean_words_b'], 1)} words",
-                  f"- inconsistent across the two orders (position bias; counted as ties): {judge['inconsistent']}",
+                  f"- inconsistent across the two orders (position bias; {flips}): {judge['inconsistent']}",
                   f"- unparseable judge answers (no winner named; counted as ties): {judge['unparseable']}", "",
                   "### By answer length", "", *_summary_table(judge["by_length"], "length"), "",
                   "### By category", "", *_summary_table(judge["by_category"], "category"), ""]
@@ -211,8 +257,8 @@ def report_markdown(report: dict) -> str:
         elif row.get("inconsistent"):
             outcome += " (inconsistent)"
         lines.append(f"| {_cell(row['id'], 30)} | {_cell(row['category'], 25)} | {_cell(row['instruction'])} | "
-                     f"{row['words_a']} | {row['words_b']} | {row.get('preference_a_first') or '-'} | "
-                     f"{row.get('preference_b_first') or '-'} | {outcome} | {_cell(human_cell, 40)} |")
+                     f"{row['words_a']} | {row['words_b']} | {_preference(row.get('preference_a_first'))} | "
+                     f"{_preference(row.get('preference_b_first'))} | {outcome} | {_cell(human_cell, 40)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -274,4 +320,30 @@ def write_report(report: dict, output: str) -> dict[str, str]:
     with open(paths["md"], "w", encoding="utf-8") as handle:
         handle.write(report_markdown(clean))
     write_chart(clean, paths["png"])
+    return paths
+
+
+def write_alpaca_eval_files(results: Sequence[ItemResult], label_a: str, label_b: str, annotator: str,
+                            output: str) -> dict[str, str]:
+    """``model_outputs.json`` (model A), ``reference_outputs.json`` (model B) and ``annotations.json`` in
+    AlpacaEval's format, so a run can be submitted or recomputed with AlpacaEval itself (A is its model,
+    ``generator_2``; B its baseline, ``generator_1``; preference ``1 + A's score``)."""
+    def instruction(r: ItemResult) -> str:  # AlpacaEval folds an input into the instruction this way
+        return r.item.instruction + ("\n\n" + r.item.input if r.item.input.strip() else "")
+
+    instructions = [instruction(r) for r in results]
+    categories = [r.item.category for r in results]
+    paths = {name: os.path.join(output, f"{name}.json") for name in ("model_outputs", "reference_outputs",
+                                                                     "annotations")}
+    alpaca_eval.write_json(paths["model_outputs"], alpaca_eval.model_outputs(
+        instructions, [r.answer_a for r in results], label_a, categories))
+    alpaca_eval.write_json(paths["reference_outputs"], alpaca_eval.model_outputs(
+        instructions, [r.answer_b for r in results], label_b, categories))
+    rows = []
+    for r, text, category in zip(results, instructions, categories):
+        score = r.judged.score if r.judged is not None else math.nan
+        rows.append({"instruction": text, "output_1": r.answer_b, "generator_1": label_b, "output_2": r.answer_a,
+                     "generator_2": label_a, "dataset": category, "annotator": annotator,
+                     "preference": None if math.isnan(score) else 1.0 + score})
+    alpaca_eval.write_json(paths["annotations"], rows)
     return paths

@@ -1,7 +1,12 @@
-"""Win rates and their uncertainty, from per-item outcomes. Plain numpy/scipy, no Ray.
+"""Win rates and their uncertainty, from per-item scores. Plain numpy, no Ray.
 
-Scores are from model A's side: a win is 1, a tie 0.5, a loss 0, so the win rate counts ties as half a
-win (AlpacaEval's convention). Confidence intervals are percentile bootstraps over items.
+A *score* is model A's share of one pair, in 0..1: a win is 1, a tie 0.5, a loss 0, and a probability-weighted
+judge (AlpacaEval 2's) gives anything in between. Outcomes may be given as "A", "B", "tie" or as scores. The
+win rate is the mean score, so ties count as half a win and fractional preferences count as they are
+(AlpacaEval's ``win_rate``); the *discrete* win rate first rounds each score to a win, a loss or (exactly 0.5)
+a tie (AlpacaEval's ``discrete_win_rate``). Confidence intervals are percentile bootstraps over items; the
+standard error is the sample standard deviation over the square root of n (pandas' ``sem``, as AlpacaEval).
+The length-controlled win rate lives in :mod:`alpaca_ray.evaluate.length_control`.
 """
 
 from __future__ import annotations
@@ -14,15 +19,39 @@ import numpy as np
 
 SCORE = {"A": 1.0, "tie": 0.5, "B": 0.0}
 CHOICES = ("A", "B", "tie")
+Outcome = str | float
 
 
-def scores_of(outcomes: Sequence[str]) -> np.ndarray:
-    return np.array([SCORE[o] for o in outcomes], dtype=float)
+def scores_of(outcomes: Sequence[Outcome]) -> np.ndarray:
+    """Scores in 0..1 from "A"/"B"/"tie" or numbers (already scores); anything else is a ValueError."""
+    out = np.empty(len(outcomes), dtype=float)
+    for i, outcome in enumerate(outcomes):
+        if isinstance(outcome, str):
+            if outcome not in SCORE:
+                raise ValueError(f"outcome {i}: expected 'A', 'B', 'tie' or a score in 0..1, got {outcome!r}")
+            out[i] = SCORE[outcome]
+        else:
+            value = float(outcome)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"outcome {i}: a score must be in 0..1 (model A's share of the pair), got {value}")
+            out[i] = value
+    return out
 
 
-def win_rate(outcomes: Sequence[str]) -> float:
-    """Model A's win rate, ties counted as half a win; NaN for no items."""
+def discrete_scores(scores: np.ndarray) -> np.ndarray:
+    """Each score rounded to 1 (A won), 0 (B won) or 0.5 (exactly a tie)."""
+    return np.where(scores > 0.5, 1.0, np.where(scores < 0.5, 0.0, 0.5))
+
+
+def win_rate(outcomes: Sequence[Outcome]) -> float:
+    """Model A's win rate (mean score: ties half a win, fractional preferences as given); NaN for no items."""
     return float(scores_of(outcomes).mean()) if len(outcomes) else math.nan
+
+
+def standard_error(scores: Sequence[float] | np.ndarray) -> float:
+    """The standard error of the mean score (ddof 1, as pandas' ``sem``); NaN below two items."""
+    values = np.asarray(scores, dtype=float)
+    return float(values.std(ddof=1) / math.sqrt(values.size)) if values.size > 1 else math.nan
 
 
 def bootstrap_ci(scores: Sequence[float] | np.ndarray, samples: int = 2000, level: float = 0.95,
@@ -38,17 +67,21 @@ def bootstrap_ci(scores: Sequence[float] | np.ndarray, samples: int = 2000, leve
     return (float(low), float(high))
 
 
-def summarize(outcomes: Sequence[str], samples: int = 2000, seed: int = 0) -> dict:
-    """Counts, win rate and its 95% bootstrap interval for a list of "A"/"B"/"tie" outcomes."""
-    counts = Counter(outcomes)
-    low, high = bootstrap_ci(scores_of(outcomes), samples=samples, seed=seed)
-    return {"n": len(outcomes), "wins": counts["A"], "losses": counts["B"], "ties": counts["tie"],
-            "win_rate": win_rate(outcomes), "ci_low": low, "ci_high": high}
+def summarize(outcomes: Sequence[Outcome], samples: int = 2000, seed: int = 0) -> dict:
+    """Counts (wins: score above 0.5, losses: below, ties: exactly 0.5), the win rate, its 95% bootstrap
+    interval and standard error, and the discrete win rate."""
+    scores = scores_of(outcomes)
+    low, high = bootstrap_ci(scores, samples=samples, seed=seed)
+    return {"n": int(scores.size), "wins": int(np.sum(scores > 0.5)), "losses": int(np.sum(scores < 0.5)),
+            "ties": int(np.sum(scores == 0.5)), "win_rate": float(scores.mean()) if scores.size else math.nan,
+            "ci_low": low, "ci_high": high, "standard_error": standard_error(scores),
+            "discrete_win_rate": float(discrete_scores(scores).mean()) if scores.size else math.nan}
 
 
-def by_group(outcomes: Sequence[str], groups: Sequence[str], samples: int = 2000, seed: int = 0) -> dict[str, dict]:
+def by_group(outcomes: Sequence[Outcome], groups: Sequence[str], samples: int = 2000, seed: int = 0
+             ) -> dict[str, dict]:
     """:func:`summarize` per group (category, length bucket), groups sorted by size then name."""
-    members: dict[str, list[str]] = defaultdict(list)
+    members: dict[str, list[Outcome]] = defaultdict(list)
     for outcome, group in zip(outcomes, groups, strict=True):
         members[group].append(outcome)
     order = sorted(members, key=lambda g: (-len(members[g]), g))
@@ -66,85 +99,15 @@ def length_bucket(length_a: int, length_b: int, margin: float = 0.2) -> str:
 LENGTH_BUCKETS = ("A longer", "similar length", "B longer")
 
 
-def longer_answer_win_rate(outcomes: Sequence[str], lengths_a: Sequence[int], lengths_b: Sequence[int]) -> dict:
-    """How often the longer answer won among decided pairs of different length (0.5: no length bias)."""
+def longer_answer_win_rate(outcomes: Sequence[Outcome], lengths_a: Sequence[int], lengths_b: Sequence[int]) -> dict:
+    """How often the longer answer won among decided pairs (score not 0.5) of different length (0.5: no bias)."""
     won = decided = 0
-    for outcome, la, lb in zip(outcomes, lengths_a, lengths_b, strict=True):
-        if outcome == "tie" or la == lb:
+    for score, la, lb in zip(scores_of(outcomes), lengths_a, lengths_b, strict=True):
+        if score == 0.5 or la == lb:
             continue
         decided += 1
-        won += (outcome == "A") == (la > lb)
+        won += int((score > 0.5) == (la > lb))
     return {"decided_pairs": decided, "longer_won": won, "rate": won / decided if decided else math.nan}
-
-
-def _fit_length_model(y: np.ndarray, x: np.ndarray, l2: float, steps: int = 100) -> tuple[np.ndarray, np.ndarray]:
-    """Logistic regression ``P(A wins) = sigmoid(theta + phi * x)`` on soft labels, by damped Newton steps.
-
-    ``y`` and ``x`` are (fits, items): many fits (bootstrap resamples) are solved at once. A ridge of ``l2``
-    on ``phi`` and a tiny one on ``theta`` keep the optimum finite (every pair won, perfectly separable
-    lengths); ``theta`` is then clipped to +-10 (a 99.995% win rate). Returns (theta, phi), each (fits,).
-    """
-    y, x = np.atleast_2d(y), np.atleast_2d(x)
-    theta, phi = np.zeros(y.shape[0]), np.zeros(y.shape[0])
-    ridge_theta = 1e-6
-    for _ in range(steps):
-        z = theta[:, None] + phi[:, None] * x
-        p = 0.5 * (1.0 + np.tanh(0.5 * z))  # the sigmoid, without overflow
-        residual, weight = p - y, p * (1.0 - p)
-        g_theta = residual.mean(axis=1) + 2 * ridge_theta * theta
-        g_phi = (residual * x).mean(axis=1) + 2 * l2 * phi
-        h_tt = weight.mean(axis=1) + 2 * ridge_theta
-        h_tp = (weight * x).mean(axis=1)
-        h_pp = (weight * x * x).mean(axis=1) + 2 * l2
-        det = h_tt * h_pp - h_tp * h_tp
-        step_theta = (h_pp * g_theta - h_tp * g_phi) / det
-        step_phi = (h_tt * g_phi - h_tp * g_theta) / det
-        # Damping: Newton steps on nearly flat (separable) fits can be huge; a few bounded steps converge.
-        scale = np.minimum(1.0, 2.0 / np.maximum(np.abs(step_theta), np.abs(step_phi)).clip(min=1e-12))
-        theta, phi = theta - scale * step_theta, phi - scale * step_phi
-        if max(np.abs(step_theta).max(), np.abs(step_phi).max()) < 1e-9:
-            break
-    return np.clip(theta, -10.0, 10.0), phi
-
-
-def _length_feature(lengths_a: np.ndarray, lengths_b: np.ndarray) -> np.ndarray:
-    """``tanh(d / std(d))`` per row, ``d`` the length difference A - B (zero where lengths never vary)."""
-    d = np.asarray(lengths_a, dtype=float) - np.asarray(lengths_b, dtype=float)
-    spread = d.std(axis=-1, keepdims=True)
-    return np.where(spread > 0, np.tanh(d / np.where(spread > 0, spread, 1.0)), 0.0)
-
-
-def length_controlled_win_rate(outcomes: Sequence[str], lengths_a: Sequence[int], lengths_b: Sequence[int],
-                               l2: float = 1e-3) -> dict:
-    """AlpacaEval 2's length-controlled win rate, for one pair of models.
-
-    A logistic regression of the preference (win 1, tie 0.5, loss 0) on ``tanh(d / std(d))`` where ``d`` is
-    the difference in answer length (A minus B, in words), then the win rate it predicts at zero length
-    difference: ``sigmoid(theta)``. AlpacaEval also fits an instruction-difficulty term shared across many
-    models; with two models it is not identifiable, so it is left out. With no length variation this is the
-    plain win rate.
-    """
-    y = scores_of(outcomes)
-    if y.size == 0:
-        return {"win_rate": math.nan, "theta": math.nan, "length_coef": math.nan}
-    theta, phi = _fit_length_model(y, _length_feature(lengths_a, lengths_b), l2)
-    theta, phi = float(theta[0]), float(phi[0])
-    return {"win_rate": float(1.0 / (1.0 + math.exp(-theta))), "theta": theta, "length_coef": phi}
-
-
-def length_controlled_ci(outcomes: Sequence[str], lengths_a: Sequence[int], lengths_b: Sequence[int],
-                         samples: int = 1000, seed: int = 0, l2: float = 1e-3) -> tuple[float, float]:
-    """Percentile bootstrap interval of the length-controlled win rate (a refit per resample, all at once)."""
-    n = len(outcomes)
-    if n == 0:
-        return (math.nan, math.nan)
-    rng = np.random.default_rng(seed)
-    pick = rng.integers(0, n, size=(samples, n))
-    y = scores_of(outcomes)[pick]
-    x = _length_feature(np.asarray(lengths_a, dtype=float)[pick], np.asarray(lengths_b, dtype=float)[pick])
-    theta, _ = _fit_length_model(y, x, l2)
-    low, high = np.quantile(1.0 / (1.0 + np.exp(-theta)), [0.025, 0.975])
-    return (float(low), float(high))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ def test_evaluate_job_through_ray_job_submit(ray_head, tmp_path):
                                   "--output", str(output), "--model-a-answers", str(tmp_path / "a.json"),
                                   "--model-b-answers", str(tmp_path / "b.json"), "--judge-model", "judge",
                                   "--judge-base-url", judge.base_url, "--judge-api-key-env", "EVAL_JUDGE_KEY",
-                                  "--bootstrap-samples", "200"],
+                                  "--bootstrap-samples", "200", "--max-unparseable", "0.2"],  # 1 of 6
                                  env_vars={"EVAL_JUDGE_KEY": "sk-test-judge"}, timeout=300)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         assert "A win rate" in result.stdout and "sk-test-judge" not in result.stdout + result.stderr

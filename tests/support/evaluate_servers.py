@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 
@@ -84,3 +85,62 @@ def expected_outcomes(rows: list[dict]) -> dict[str, str]:
 def model_args(a: OpenAIServer, b: OpenAIServer, judge: OpenAIServer) -> list[str]:
     return ["--model-a", "model-a", "--model-a-base-url", a.base_url, "--model-b", "model-b",
             "--model-b-base-url", b.base_url, "--judge-model", "judge", "--judge-base-url", judge.base_url]
+
+
+# ---------------------------------------------------------------------------------------------------
+# A logprob judge (AlpacaEval 2's protocol) with scripted preferences
+
+#: The logprob judge's position bias: the answer shown first gets this much extra probability. Averaging the
+#: two orders cancels it exactly, so the debiased score is the scripted preference.
+POSITION_BIAS = 0.05
+#: Instructions containing this get top logprobs with neither "m" nor "M" (an unparseable answer).
+NO_VERDICT = "NOVERDICT"
+
+
+def scripted_preference(instruction: str) -> float:
+    """Model A's scripted probability of being preferred for one instruction, in 0.1..0.9."""
+    return 0.1 + 0.8 * (hashlib.sha256(instruction.encode()).digest()[0] / 255)
+
+
+def _logprob_entry(token: str, probability: float) -> dict:
+    return {"token": token, "bytes": list(token.encode()), "logprob": math.log(probability)}
+
+
+def logprob_judge_body(model: str, body: dict) -> dict:
+    """The chat completion the real API returns for AlpacaEval 2's judge request (one token, top_logprobs),
+    with P(m) / (P(m) + P(M)) set from :func:`scripted_preference` and :data:`POSITION_BIAS`."""
+    text = prompt_text("chat", body)
+    instruction = re.search(r'"instruction": """(.*?)""",', text, re.S).group(1)
+    first = re.search(r'"model_identifier": "m",\s*"output": """(.*?)"""', text, re.S).group(1)
+    q = scripted_preference(instruction)
+    p_first = (q if first.startswith("Answer A") else 1.0 - q) + POSITION_BIAS
+    # 2% of the mass goes to other tokens, as real judges put a little on "Based", "The"...
+    if NO_VERDICT in instruction:
+        top = [_logprob_entry("Based", 0.6), _logprob_entry("The", 0.3), _logprob_entry("Both", 0.1)]
+    else:
+        top = sorted([_logprob_entry("m", 0.98 * p_first), _logprob_entry("M", 0.98 * (1 - p_first)),
+                      _logprob_entry("Based", 0.015), _logprob_entry("The", 0.005)], key=lambda e: -e["logprob"])
+    top = top[: int(body.get("top_logprobs") or 0)]
+    chosen = top[0] if top else _logprob_entry("m", 0.5)
+    choice = {"index": 0, "message": {"role": "assistant", "content": chosen["token"]}, "finish_reason": "length",
+              "logprobs": {"content": [{**chosen, "top_logprobs": top}]} if body.get("logprobs") else None}
+    return {"id": "chatcmpl-judge", "object": "chat.completion", "created": 0, "model": model, "choices": [choice],
+            "usage": {"prompt_tokens": len(text.split()), "completion_tokens": 1, "total_tokens": len(text.split()) + 1}}
+
+
+def logprob_judge(kind: str, body: dict) -> Reply:
+    return Reply(raw_body=json.dumps(logprob_judge_body(body.get("model", ""), body)).encode())
+
+
+def write_alpaca_eval_outputs(root: Path, n: int, no_verdict: int = 0) -> tuple[Path, Path, list[str]]:
+    """AlpacaEval model_outputs.json files for model A (generator "model-a-gen") and B ("model-b-gen") on ``n``
+    instructions, the first ``no_verdict`` of which the logprob judge answers with neither token."""
+    instructions = [f"Task {i}: explain something{' ' + NO_VERDICT if i < no_verdict else ''}." for i in range(n)]
+    paths = []
+    for side, generator in (("A", "model-a-gen"), ("B", "model-b-gen")):
+        rows = [{"instruction": text, "output": f"Answer {side} to {text} " + "more " * (3 * i % 7),
+                 "generator": generator, "dataset": "helpful_base"} for i, text in enumerate(instructions)]
+        path = root / f"outputs_{side.lower()}.json"
+        path.write_text(json.dumps(rows))
+        paths.append(path)
+    return paths[0], paths[1], instructions
