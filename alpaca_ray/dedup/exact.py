@@ -1,24 +1,35 @@
-"""Alpaca's near-duplicate rule, exact and fast: prune with bounds that cannot lie, LCS only for survivors.
+"""Alpaca's near-duplicate rule, exact and fast: a set-similarity join whose filters cannot lie.
 
 A candidate is dropped when its ROUGE-L F against any instruction already kept is ``> threshold``. For a
-candidate of m tokens and a pool instruction of n tokens with longest common subsequence L:
+candidate of m tokens and a kept instruction of n tokens with longest common subsequence L, F = 2L/(m+n),
+computed as ``rouge_score`` does in floats. F grows with L, so for each length pair there is a least LCS
+that drops the candidate, ``_min_lcs(m, n)``, found by evaluating that very float expression (not a
+rounded formula): a pair at exactly the threshold decides as in Alpaca. L never exceeds the size o of the
+multiset intersection of the two token lists, so every filter below is a bound on o, as in the
+set-similarity-join literature (AllPairs, PPJoin/PPJoin+):
 
-* F = 2L/(m+n) and L <= min(m, n), so F <= 2 min(m,n)/(m+n): the *length bound*;
-* L <= o, the size of the multiset intersection of their tokens: the *overlap bound*;
-* F > threshold needs L > alpha*m with alpha = threshold / (2 - threshold) (from L <= n), and likewise
-  L > alpha*n. So the pair must share at least t(m) = floor(alpha*m) + 1 tokens, and then, with any fixed
-  order of tokens, the first token they share lies within the first m - t(m) + 1 tokens of the candidate
-  (its *prefix*) and within the prefix of the pool instruction (prefix filtering, as in AllPairs/PPJoin).
-  Only prefixes go into the inverted index, and where the first shared token sits in each record bounds
-  how many more they can share (the *positional bound*).
+* *length filter*: L <= min(m, n), so only lengths n with ``_min_lcs(m, n) <= min(m, n)`` can match;
+* *prefix filter*: with all multiset elements in one fixed order, two records sharing at least L elements
+  share one among the first n - L + 1 of each. Each kept record indexes its first n - t(n) + 1 elements,
+  t(n) being the least ``_min_lcs`` over every partner length; a query walks, for each partner length, only
+  its own first m - L(m, n) + 1 elements and only index entries at position <= n - L(m, n);
+* *positional filter*: the first shared element, at positions (i, j), leaves at most min(m - i, n - j)
+  shared elements, which is what the two position bounds above say; the merge that counts the remaining
+  shared elements stops as soon as what is left cannot reach L (the suffix bound);
+* *bitmap filter*: each index entry carries a 64-bit bitmap of its record's elements (one hashed bit each):
+  a bit set for one record and not the other is an element of the first missing from the second, which
+  bounds o before any record is touched (it is what keeps the candidates few on small vocabularies);
+* only then the LCS itself (bit-parallel for queries of up to 64 tokens, DP beyond).
 
-Tokens are counted as a multiset by numbering occurrences: the k-th "the" of an instruction is the element
-("the", k), so multiset intersections are plain set intersections of element ids. The fixed order puts
-elements seen later first (higher id first): words met early (and so, typically, common ones) come last, new
-and rare ones first, which keeps posting lists short and lets the index grow without ever being rebuilt.
-Candidate pairs are found through the index, bounded as above, and only then is the LCS computed, in
-compiled code (numba), with the very float expression ``rouge_score`` uses, so a pair at exactly the threshold
-decides as in Alpaca. The slack of 1e-6 in t(m) only ever widens the search.
+The fixed order puts rare elements first (global token frequency order, as PPJoin does): elements are
+numbered, per batch of texts encoded together, from the most frequent to the rarest, and a record lists
+its elements by decreasing number. Elements first met in a later batch get higher numbers (they count as
+rarer than all before), so the order never changes for records already indexed and the index only grows.
+
+The index keeps its posting lists sorted by record length (then position), so a query reads only the
+lengths that can match: a sorted part, and a recent part (linked lists, a cache miss per entry read)
+that is merged into it, in linear time, once it holds 1/32 as much (``MERGE_FRACTION``). Tokens are counted as a multiset by numbering
+occurrences: the k-th "the" of an instruction is the element ("the", k).
 """
 
 from __future__ import annotations
@@ -30,21 +41,25 @@ from numba import njit
 
 from alpaca_ray.dedup.rouge import rouge_tokens
 
-#: Candidates per progress-bar update (and chance to re-lay the index contiguously).
+#: Candidates per progress-bar update (and chance to re-sort the index).
 DEFAULT_BLOCK_SIZE = 2048
+#: The recent (linked, unsorted) part of the index is merged into the sorted part once it holds this
+#: fraction of it: reading a linked list costs a cache miss per entry, a sorted list streams.
+MERGE_FRACTION = 1 / 32
 
 
 class TokenCorpus:
     """Instructions encoded once for the kernels: CSR arrays of token ids (for LCS) and element ids.
 
     Record r has tokens ``tokens[offsets[r]:offsets[r+1]]`` in text order and the same number of
-    multiset elements ``elements[...]`` (element = (token, occurrence number)), sorted by decreasing id:
-    the order in which prefixes are taken.
+    multiset elements ``elements[...]`` (element = (token, occurrence number)), sorted by decreasing id,
+    which is rarest first: the order in which prefixes are taken.
     """
 
     def __init__(self) -> None:
         self.token_ids: dict[str, int] = {}
-        self.element_ids: dict[tuple[int, int], int] = {}
+        #: (token id << 32 | occurrence number) -> element id
+        self.element_ids: dict[int, int] = {}
         self._offsets = np.zeros(1024, dtype=np.int64)
         self._tokens = np.zeros(8192, dtype=np.int32)
         self._elements = np.zeros(8192, dtype=np.int32)
@@ -79,30 +94,32 @@ class TokenCorpus:
         return np.diff(offsets) if ids is None else offsets[ids + 1] - offsets[ids]
 
     def add(self, texts: Iterable[str]) -> np.ndarray:
-        """Encode texts and append them; returns their record ids."""
-        token_ids, element_ids = self.token_ids, self.element_ids
-        flat_tokens: list[int] = []
-        flat_elements: list[int] = []
-        lengths: list[int] = []
-        for text in texts:
-            tokens = rouge_tokens(text)
-            seen: dict[int, int] = {}
-            record_elements = []
-            for token in tokens:
-                tid = token_ids.get(token)
-                if tid is None:
-                    tid = token_ids[token] = len(token_ids)
-                flat_tokens.append(tid)
-                k = seen.get(tid, 0)
-                seen[tid] = k + 1
-                eid = element_ids.get((tid, k))
-                if eid is None:
-                    eid = element_ids[(tid, k)] = len(element_ids)
-                record_elements.append(eid)
-            record_elements.sort(reverse=True)
-            flat_elements += record_elements
-            lengths.append(len(tokens))
-        return self._append(np.asarray(lengths, dtype=np.int64), flat_tokens, flat_elements)
+        """Encode texts and append them; returns their record ids.
+
+        Encode everything known up front in one call (the pool and all candidates): element numbers
+        follow the frequencies within a call, and the rarer the first elements, the shorter the walks.
+        """
+        token_ids = self.token_ids
+        tokenized = [rouge_tokens(text) for text in texts]
+        lengths = np.fromiter(map(len, tokenized), dtype=np.int64, count=len(tokenized))
+        # setdefault's default is evaluated first: a new token gets the next free id.
+        tokens = np.fromiter((token_ids.setdefault(token, len(token_ids)) for record in tokenized
+                              for token in record), dtype=np.int64, count=int(lengths.sum()))
+        local_offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=local_offsets[1:])
+        keys = (tokens << 32) | _occurrence_numbers(local_offsets, tokens, len(token_ids))
+        unique_keys, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+        ids = np.fromiter((self.element_ids.get(key, -1) for key in unique_keys.tolist()), dtype=np.int64,
+                          count=len(unique_keys))
+        new = np.flatnonzero(ids < 0)
+        # New elements numbered from the most frequent (in this call's records) to the rarest.
+        new = new[np.lexsort((unique_keys[new], -counts[new]))]
+        ids[new] = len(self.element_ids) + np.arange(len(new))
+        self.element_ids.update(zip(unique_keys[new].tolist(), ids[new].tolist()))
+        elements = ids[inverse.ravel()]
+        record_of = np.repeat(np.arange(len(lengths)), lengths)
+        elements = elements[np.lexsort((-elements, record_of))]  # within each record, decreasing id
+        return self._append(lengths, tokens, elements)
 
     def _append(self, lengths: np.ndarray, tokens, elements) -> np.ndarray:
         n, start = len(lengths), int(self._offsets[self.size])
@@ -142,6 +159,20 @@ def _grown(array: np.ndarray, needed: int) -> np.ndarray:
 
 
 @njit(cache=True)
+def _occurrence_numbers(offsets, tokens, num_tokens):
+    """For each token, how many times the same token came before it in its record (0 for the first)."""
+    seen = np.zeros(num_tokens, dtype=np.int64)
+    out = np.empty(len(tokens), dtype=np.int64)
+    for r in range(len(offsets) - 1):
+        for p in range(offsets[r], offsets[r + 1]):
+            out[p] = seen[tokens[p]]
+            seen[tokens[p]] += 1
+        for p in range(offsets[r], offsets[r + 1]):
+            seen[tokens[p]] = 0
+    return out
+
+
+@njit(cache=True)
 def _fmeasure(lcs, candidate_len, pool_len):
     # rouge_score: precision = lcs/len(prediction=pool), recall = lcs/len(target=candidate),
     # 2 * precision * recall / (precision + recall); the same IEEE operations in the same order.
@@ -150,6 +181,43 @@ def _fmeasure(lcs, candidate_len, pool_len):
     precision = float(lcs) / float(pool_len)
     recall = float(lcs) / float(candidate_len)
     return 2.0 * precision * recall / (precision + recall)
+
+
+@njit(cache=True)
+def _min_lcs(m, n, threshold):
+    """The least LCS length whose F (rouge_score's floats) is above threshold for lengths m and n;
+    ``min(m, n) + 1`` when no LCS can be (the pair can never match).
+
+    F rises with L by 2/(m+n) per step, far more than the few ulps of rounding, so the float F is
+    increasing in L and the search from a point just below the real-number answer is exact.
+    """
+    cap = min(m, n) + 1
+    if cap == 1:
+        return cap  # an empty text scores 0 against anything
+    lcs = min(cap, max(1, int(threshold * 0.5 * (m + n)) - 2))
+    while lcs > 1 and _fmeasure(lcs - 1, m, n) > threshold:
+        lcs -= 1
+    while lcs < cap and not _fmeasure(lcs, m, n) > threshold:
+        lcs += 1
+    return lcs
+
+
+@njit(cache=True)
+def _prefix_length(n, threshold):
+    """How many of a record's first (rarest) elements include one shared with any near-duplicate of it:
+    n - t + 1, with t the least ``_min_lcs(m, n)`` over the partner lengths m that can match at all."""
+    if n == 0 or _min_lcs(n, n, threshold) > n:
+        return 0  # not even an identical text would match (threshold 1, or an empty text)
+    # _min_lcs(m, n) never falls as m grows, so the smallest m that can match gives the least t; and
+    # whether m can match (_min_lcs(m, n) <= m) flips once, from no to yes, as m grows: bisect.
+    lo, hi = 1, n
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _min_lcs(mid, n, threshold) <= mid:
+            hi = mid
+        else:
+            lo = mid + 1
+    return n - _min_lcs(lo, n, threshold) + 1
 
 
 @njit(cache=True)
@@ -172,23 +240,51 @@ def _lcs_length(a, b, row):
 
 
 @njit(cache=True)
-def _min_overlap(m, threshold):
-    """Fewest shared tokens a near-duplicate of an m-token candidate can have (slack keeps it a lower bound)."""
-    alpha = threshold / (2.0 - threshold)
-    return max(1, int(np.floor(alpha * m - 1e-6)) + 1)
+def _popcount(x):
+    x = x - ((x >> np.uint64(1)) & np.uint64(0x5555555555555555))
+    x = (x & np.uint64(0x3333333333333333)) + ((x >> np.uint64(2)) & np.uint64(0x3333333333333333))
+    x = (x + (x >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
+    return (x * np.uint64(0x0101010101010101)) >> np.uint64(56)
 
 
 @njit(cache=True)
-def _prefix_length(m, threshold):
-    """How many of a record's rarest elements must include one shared with any of its near-duplicates."""
-    return m - _min_overlap(m, threshold) + 1 if m > 0 else 0
+def _bit_parallel_lcs(m, masks, b):
+    """LCS of a query of m <= 64 tokens (``masks[t]``: bit k set where the query's k-th token is t) and b
+    (Hyyro's bit-vector algorithm: one word of state per step, exact)."""
+    v = ~np.uint64(0)
+    for y in b:
+        u = v & masks[y]
+        v = (v + u) | (v - u)
+    if m < 64:
+        return m - _popcount(v & ((np.uint64(1) << np.uint64(m)) - np.uint64(1)))
+    return 64 - _popcount(v)
 
 
 @njit(cache=True)
-def _suffix_overlap(a, i, b, j):
-    """Common values of a[i:] and b[j:], both sorted in decreasing order."""
+def _signature(record_elements):
+    """64-bit bitmap of a record's elements (each hashed to one bit), for the bitmap filter."""
+    signature = np.uint64(0)
+    for e in record_elements:
+        signature |= np.uint64(1) << ((np.uint64(e) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(58))
+    return signature
+
+
+@njit(cache=True)
+def _bitmap_overlap_bound(m, q_signature, n, y_signature):
+    """At most how many elements two records can share, from their bitmaps: each bit set in one bitmap and
+    not the other stands for at least one element of that record missing from the other (bitmap filter)."""
+    return min(m - _popcount(q_signature & ~y_signature), n - _popcount(y_signature & ~q_signature))
+
+
+@njit(cache=True)
+def _shares_enough(a, i, b, j, need):
+    """Whether a[i:] and b[j:] (both sorted in decreasing order) have ``need`` common values; stops as soon
+    as what is left of either cannot make up the difference (the suffix bound)."""
     count = 0
-    while i < len(a) and j < len(b):
+    len_a, len_b = len(a), len(b)
+    while count < need:
+        if count + min(len_a - i, len_b - j) < need:
+            return False
         if a[i] == b[j]:
             count += 1
             i += 1
@@ -197,17 +293,39 @@ def _suffix_overlap(a, i, b, j):
             i += 1
         else:
             j += 1
-    return count
+    return True
 
 
 @njit(cache=True)
-def _index_kernel(offsets, elements, head, link, post_record, post_position, size, ids, threshold):
-    """Add the prefixes of records ``ids`` to the index (posting lists are linked lists through ``link``)."""
+def _is_near(q_tokens, q_elements, i, y_tokens, y_elements, j, need, masks, row, threshold, counters):
+    """Pair verification, cheapest test first: the first shared element sits at (i, j); share ``need``
+    elements in all (overlap bound), then the LCS itself, decided by rouge_score's own float expression."""
+    counters[1] += 1
+    if not _shares_enough(q_elements, i + 1, y_elements, j + 1, need - 1):
+        return False
+    counters[2] += 1
+    m, n = len(q_tokens), len(y_tokens)
+    if m <= 64:
+        lcs = _bit_parallel_lcs(m, masks, y_tokens)
+    else:
+        lcs = _lcs_length(q_tokens, y_tokens, row)
+    return _fmeasure(lcs, m, n) > threshold
+
+
+@njit(cache=True)
+def _index_kernel(offsets, elements, head, link, t_record, t_length, t_position, t_element, t_signature, size,
+                  ids, threshold):
+    """Add the prefixes of records ``ids`` to the recent part of the index (linked lists through ``link``)."""
     for r in ids:
-        for k in range(_prefix_length(offsets[r + 1] - offsets[r], threshold)):
+        n = offsets[r + 1] - offsets[r]
+        signature = _signature(elements[offsets[r]:offsets[r + 1]])
+        for k in range(_prefix_length(n, threshold)):
             e = elements[offsets[r] + k]
-            post_record[size] = r
-            post_position[size] = k
+            t_record[size] = r
+            t_length[size] = n
+            t_position[size] = k
+            t_element[size] = e
+            t_signature[size] = signature
             link[size] = head[e]
             head[e] = size
             size += 1
@@ -215,49 +333,110 @@ def _index_kernel(offsets, elements, head, link, post_record, post_position, siz
 
 
 @njit(cache=True)
-def _probe_kernel(offsets, tokens, elements, max_length, head, link, post_record, post_position, size,
-                  query_ids, threshold, add_kept):
+def _probe_kernel(offsets, tokens, elements, max_length, num_tokens,
+                  s_start, s_record, s_length, s_position, s_signature,
+                  head, link, t_record, t_length, t_position, t_element, t_signature, size,
+                  query_ids, threshold, add_kept, counters):
     """For each query in order: True if no indexed record (nor, with ``add_kept``, an earlier kept query) is
     a near-duplicate of it. With ``add_kept`` this is Alpaca's sequential rule and kept queries are indexed.
-    Returns the flags and the new index size.
+    Returns the flags and the new size of the recent part. ``counters`` adds up, for the benchmark: index
+    entries read, candidate pairs checked, pairs whose LCS was computed.
     """
     row = np.zeros(max_length + 1, dtype=np.int64)
+    masks = np.zeros(max(num_tokens, 1), dtype=np.uint64)
     last_seen = np.full(len(offsets) - 1, -1, dtype=np.int64)
+    min_lcs = np.zeros(max_length + 2, dtype=np.int64)
+    num_sorted_elements = len(s_start) - 1
     kept = np.ones(len(query_ids), dtype=np.bool_)
     for qi in range(len(query_ids)):
         q = query_ids[qi]
         q_lo, q_hi = offsets[q], offsets[q + 1]
         m = q_hi - q_lo
+        q_tokens = tokens[q_lo:q_hi]
         q_elements = elements[q_lo:q_hi]
         prefix = _prefix_length(m, threshold)
+        if prefix == 0:
+            continue  # nothing can be near it (empty text, threshold 1); kept, and nothing to index
+        # Partner lengths that can match: shortest_n..longest_n, with the least LCS each needs.
+        shortest_n, longest_n = max_length + 1, 0
+        for n in range(1, max_length + 1):
+            need = _min_lcs(m, n, threshold)
+            min_lcs[n] = need
+            if need <= min(m, n):
+                shortest_n = min(shortest_n, n)
+                longest_n = n
+            elif n >= m:
+                break  # need only grows with n from here
+        if m <= 64:
+            for k in range(m):
+                masks[q_tokens[k]] |= np.uint64(1) << np.uint64(k)
+        q_signature = _signature(q_elements)
+        near = False
         for i in range(prefix):
-            p = head[q_elements[i]]
+            e = q_elements[i]
+            if e < num_sorted_elements:
+                lo, hi = s_start[e], s_start[e + 1]
+                p = lo + np.searchsorted(s_length[lo:hi], shortest_n)
+                while p < hi:
+                    counters[0] += 1
+                    n = s_length[p]
+                    if n > longest_n:
+                        break
+                    need = min_lcs[n]
+                    if i > m - need:
+                        break  # need never falls as n grows: no longer partner can start this late
+                    j = s_position[p]
+                    if j > n - need:
+                        # Positions rise within a length: skip the rest of this length's entries.
+                        p = lo + np.searchsorted(s_length[lo:hi], n, side="right")
+                        continue
+                    if _bitmap_overlap_bound(m, q_signature, n, s_signature[p]) >= need:
+                        y = s_record[p]
+                        if last_seen[y] != qi:
+                            # The first time y turns up, e is the first element q and y share (an earlier
+                            # one would have passed the same bounds), so the rest are after (i, j).
+                            last_seen[y] = qi
+                            y_lo, y_hi = offsets[y], offsets[y + 1]
+                            if _is_near(q_tokens, q_elements, i, tokens[y_lo:y_hi], elements[y_lo:y_hi], j,
+                                        need, masks, row, threshold, counters):
+                                near = True
+                                break
+                    p += 1
+                if near:
+                    break
+            p = head[e]
             while p >= 0:
-                j = post_record[p]
-                if last_seen[j] != qi:
-                    # The first time j turns up, q_elements[i] is the first element q and j share in the
-                    # order (an earlier one would sit in both prefixes and have found j already): any
-                    # further shared elements come after it in both records.
-                    last_seen[j] = qi
-                    n = offsets[j + 1] - offsets[j]
-                    pj = post_position[p]
-                    if (_fmeasure(min(m, n), m, n) > threshold
-                            and _fmeasure(1 + min(m - i - 1, n - pj - 1), m, n) > threshold):
-                        j_elements = elements[offsets[j]:offsets[j + 1]]
-                        overlap = 1 + _suffix_overlap(q_elements, i + 1, j_elements, pj + 1)
-                        if _fmeasure(overlap, m, n) > threshold:
-                            lcs = _lcs_length(tokens[q_lo:q_hi], tokens[offsets[j]:offsets[j + 1]], row)
-                            if _fmeasure(lcs, m, n) > threshold:
-                                kept[qi] = False
+                counters[0] += 1
+                n = t_length[p]
+                if shortest_n <= n <= longest_n:
+                    need = min_lcs[n]
+                    j = t_position[p]
+                    if i <= m - need and j <= n - need and \
+                            _bitmap_overlap_bound(m, q_signature, n, t_signature[p]) >= need:
+                        y = t_record[p]
+                        if last_seen[y] != qi:
+                            last_seen[y] = qi
+                            y_lo, y_hi = offsets[y], offsets[y + 1]
+                            if _is_near(q_tokens, q_elements, i, tokens[y_lo:y_hi], elements[y_lo:y_hi], j,
+                                        need, masks, row, threshold, counters):
+                                near = True
                                 break
                 p = link[p]
-            if not kept[qi]:
+            if near:
                 break
-        if kept[qi] and add_kept:
+        if m <= 64:
+            for k in range(m):
+                masks[q_tokens[k]] = np.uint64(0)
+        if near:
+            kept[qi] = False
+        elif add_kept:
             for k in range(prefix):
                 e = q_elements[k]
-                post_record[size] = q
-                post_position[size] = k
+                t_record[size] = q
+                t_length[size] = m
+                t_position[size] = k
+                t_element[size] = e
+                t_signature[size] = q_signature
                 link[size] = head[e]
                 head[e] = size
                 size += 1
@@ -265,45 +444,98 @@ def _probe_kernel(offsets, tokens, elements, max_length, head, link, post_record
 
 
 @njit(cache=True)
-def _compact_kernel(head, link, post_record, post_position, size):
-    """Lay each posting list out contiguously (same order), so walking it reads memory in sequence."""
-    new_link = np.empty_like(link)
-    new_record = np.empty_like(post_record)
-    new_position = np.empty_like(post_position)
+def _merge_kernel(s_start, s_record, s_length, s_position, s_signature,
+                  t_element, t_record, t_length, t_position, t_signature, num_elements):
+    """The sorted part with the recent entries merged in, each list still ordered by (length, position)."""
+    tail = len(t_element)
+    # The recent entries in list order: a counting sort by element, then (lists are short) insertion sort.
+    t_start = np.zeros(num_elements + 1, dtype=np.int64)
+    for k in range(tail):
+        t_start[t_element[k] + 1] += 1
+    for e in range(num_elements):
+        t_start[e + 1] += t_start[e]
+    fill = t_start[:-1].copy()
+    order = np.empty(tail, dtype=np.int64)
+    for k in range(tail):
+        e = t_element[k]
+        slot = fill[e]
+        fill[e] += 1
+        while slot > t_start[e] and (t_length[order[slot - 1]], t_position[order[slot - 1]]) > (t_length[k],
+                                                                                             t_position[k]):
+            order[slot] = order[slot - 1]
+            slot -= 1
+        order[slot] = k
+    total = len(s_record) + tail
+    start = np.zeros(num_elements + 1, dtype=np.int64)
+    record = np.empty(total, dtype=s_record.dtype)
+    length = np.empty(total, dtype=s_length.dtype)
+    position = np.empty(total, dtype=s_position.dtype)
+    signature = np.empty(total, dtype=s_signature.dtype)
     out = 0
-    for e in range(len(head)):
-        p = head[e]
-        if p < 0:
-            continue
-        head[e] = out
-        while p >= 0:
-            new_record[out] = post_record[p]
-            new_position[out] = post_position[p]
-            new_link[out] = out + 1
+    num_sorted = len(s_start) - 1
+    for e in range(num_elements):
+        a, a_end = (s_start[e], s_start[e + 1]) if e < num_sorted else (0, 0)
+        b, b_end = t_start[e], t_start[e + 1]
+        while a < a_end or b < b_end:
+            take_sorted = b == b_end or (a < a_end and (s_length[a], s_position[a]) <= (t_length[order[b]],
+                                                                                         t_position[order[b]]))
+            if take_sorted:
+                record[out], length[out], position[out], signature[out] = \
+                    s_record[a], s_length[a], s_position[a], s_signature[a]
+                a += 1
+            else:
+                k = order[b]
+                record[out], length[out], position[out], signature[out] = \
+                    t_record[k], t_length[k], t_position[k], t_signature[k]
+                b += 1
             out += 1
-            p = link[p]
-        new_link[out - 1] = -1
-    return new_link, new_record, new_position
+        start[e + 1] = out
+    return start, record, length, position, signature
 
 
 class PrefixIndex:
-    """The growing inverted index of kept records' prefixes (element -> records, with positions)."""
+    """The growing inverted index of kept records' prefixes: element -> (record, length, position).
+
+    A sorted part (CSR by element, each list ordered by record length, then position) and a recent part
+    (linked lists, newest first) that is merged into the sorted part once it holds a quarter as much.
+    """
 
     def __init__(self, threshold: float):
         self.threshold = threshold
+        self.sorted_start = np.zeros(1, dtype=np.int64)
+        self.sorted_record = np.zeros(0, dtype=np.int64)
+        self.sorted_length = np.zeros(0, dtype=np.int32)
+        self.sorted_position = np.zeros(0, dtype=np.int32)
+        self.sorted_signature = np.zeros(0, dtype=np.uint64)
         self.head = np.full(1024, -1, dtype=np.int64)
         self.link = np.zeros(4096, dtype=np.int64)
         self.record = np.zeros(4096, dtype=np.int64)
-        self.position = np.zeros(4096, dtype=np.int64)
-        self.size = 0
-        self.compacted_size = 0
+        self.length = np.zeros(4096, dtype=np.int32)
+        self.position = np.zeros(4096, dtype=np.int32)
+        self.element = np.zeros(4096, dtype=np.int32)
+        self.signature = np.zeros(4096, dtype=np.uint64)
+        self.size = 0  # entries in the recent part
+        #: index entries read, candidate pairs checked, pairs whose LCS was computed (all probes so far)
+        self.counters = np.zeros(3, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.sorted_record) + self.size
 
     def compact(self) -> None:
-        """Re-lay the posting lists contiguously once they have grown enough to be worth it (amortised)."""
-        if self.size > 1.25 * self.compacted_size + 4096:
-            self.link, self.record, self.position = _compact_kernel(self.head, self.link, self.record,
-                                                                    self.position, self.size)
-            self.compacted_size = self.size
+        """Merge the recent part into the sorted part once it has grown enough to be worth it (amortised)."""
+        if self.size > MERGE_FRACTION * len(self.sorted_record) + 4096:
+            self.merge()
+
+    def merge(self) -> None:
+        """Merge the recent part into the sorted part now (linear in the index size)."""
+        n = self.size
+        (self.sorted_start, self.sorted_record, self.sorted_length, self.sorted_position,
+         self.sorted_signature) = _merge_kernel(
+            self.sorted_start, self.sorted_record, self.sorted_length, self.sorted_position, self.sorted_signature,
+            self.element[:n], self.record[:n], self.length[:n], self.position[:n], self.signature[:n],
+            max(len(self.sorted_start) - 1, len(self.head)))
+        self.head[:] = -1
+        self.size = 0
 
     def _reserve(self, corpus: TokenCorpus, ids: np.ndarray) -> None:
         if corpus.num_elements > len(self.head):
@@ -312,24 +544,28 @@ class PrefixIndex:
             self.head = head
         needed = self.size + int(corpus.lengths(ids).sum())  # a prefix is never longer than its record
         if needed > len(self.link):
-            self.link, self.record, self.position = (_grown(a, needed) for a in (self.link, self.record,
-                                                                                   self.position))
+            self.link, self.record, self.length, self.position, self.element, self.signature = (
+                _grown(a, needed) for a in (self.link, self.record, self.length, self.position, self.element,
+                                            self.signature))
 
     def add(self, corpus: TokenCorpus, ids: np.ndarray) -> None:
         """Index records without checking them (the pool given up front, a shard's new members)."""
         ids = np.array(ids, dtype=np.int64)  # a writable copy: numba compiles one variant per array flags
         self._reserve(corpus, ids)
         self.size = _index_kernel(corpus.offsets, corpus.elements, self.head, self.link, self.record,
-                                  self.position, self.size, ids, self.threshold)
+                                  self.length, self.position, self.element, self.signature, self.size, ids,
+                                  self.threshold)
         self.compact()
 
     def probe(self, corpus: TokenCorpus, query_ids: np.ndarray, add_kept: bool = True) -> np.ndarray:
         """Kept flags for ``query_ids`` in order (see :func:`_probe_kernel`)."""
         query_ids = np.array(query_ids, dtype=np.int64)  # writable, as above
         self._reserve(corpus, query_ids if add_kept else query_ids[:0])
-        kept, self.size = _probe_kernel(corpus.offsets, corpus.tokens, corpus.elements, corpus.max_length,
-                                        self.head, self.link, self.record, self.position, self.size,
-                                        query_ids, self.threshold, add_kept)
+        kept, self.size = _probe_kernel(
+            corpus.offsets, corpus.tokens, corpus.elements, corpus.max_length, corpus.num_tokens,
+            self.sorted_start, self.sorted_record, self.sorted_length, self.sorted_position, self.sorted_signature,
+            self.head, self.link, self.record, self.length, self.position, self.element, self.signature, self.size,
+            query_ids, self.threshold, add_kept, self.counters)
         return kept
 
 
@@ -360,14 +596,6 @@ def _brute_force_kernel(offsets, tokens, pool_ids, query_ids, threshold):
             kept_ids[num_kept] = q
             num_kept += 1
     return kept
-
-
-@njit(cache=True)
-def _popcount(x):
-    x = x - ((x >> np.uint64(1)) & np.uint64(0x5555555555555555))
-    x = (x & np.uint64(0x3333333333333333)) + ((x >> np.uint64(2)) & np.uint64(0x3333333333333333))
-    x = (x + (x >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
-    return (x * np.uint64(0x0101010101010101)) >> np.uint64(56)
 
 
 @njit(cache=True)
@@ -474,13 +702,24 @@ class NearDuplicateFilter:
     [False, True]
     """
 
-    def __init__(self, pool: Sequence[str] = (), threshold: float = 0.7):
+    def __init__(self, pool: Sequence[str] = (), threshold: float = 0.7, *, _corpus: TokenCorpus | None = None,
+                 _pool_ids: np.ndarray | None = None):
         self.threshold = check_threshold(threshold)
-        self.corpus = TokenCorpus()
         self.pool: list[str] = list(pool)
-        self._pool_ids = self.corpus.add(self.pool)
+        self.corpus = _corpus if _corpus is not None else TokenCorpus()
+        self._pool_ids = _pool_ids if _pool_ids is not None else self.corpus.add(self.pool)
         self.index = PrefixIndex(self.threshold)
         self.index.add(self.corpus, self._pool_ids)
+
+    @classmethod
+    def for_batch(cls, pool: Sequence[str], candidates: Sequence[str],
+                  threshold: float = 0.7) -> tuple[NearDuplicateFilter, np.ndarray]:
+        """A filter over ``pool`` whose corpus already holds ``candidates`` too, and their record ids for
+        :meth:`filter_encoded`: encoding both at once orders elements by their frequency in all of them."""
+        pool = list(pool)
+        corpus = TokenCorpus()
+        ids = corpus.add([*pool, *candidates])
+        return cls(pool, threshold, _corpus=corpus, _pool_ids=ids[: len(pool)]), ids[len(pool):]
 
     def __len__(self) -> int:
         return len(self.pool)
@@ -489,10 +728,14 @@ class NearDuplicateFilter:
                block_size: int = DEFAULT_BLOCK_SIZE) -> list[bool]:
         """Kept flags (True = kept), one per candidate; kept candidates are appended to :attr:`pool`."""
         candidates = list(candidates)
-        query_ids = self.corpus.add(candidates)
-        kept = np.ones(len(candidates), dtype=bool)
-        bar = _progress(len(candidates), progress)
-        for lo in range(0, len(candidates), block_size):
+        return self.filter_encoded(candidates, self.corpus.add(candidates), progress, block_size)
+
+    def filter_encoded(self, candidates: Sequence[str], query_ids: np.ndarray, progress: bool = False,
+                       block_size: int = DEFAULT_BLOCK_SIZE) -> list[bool]:
+        """:meth:`filter` for candidates already in :attr:`corpus` as records ``query_ids``."""
+        kept = np.ones(len(query_ids), dtype=bool)
+        bar = _progress(len(query_ids), progress)
+        for lo in range(0, len(query_ids), block_size):
             block = query_ids[lo : lo + block_size]
             block_kept = self.index.probe(self.corpus, block)
             self.index.compact()
@@ -523,7 +766,9 @@ def similarity_summary(scores: np.ndarray, pool: Sequence[str], top: int = 10) -
 def dedup_instructions(candidates: Sequence[str], against: Sequence[str] = (), threshold: float = 0.7,
                        progress: bool = False) -> list[bool]:
     """Kept flags for ``candidates`` under Alpaca's rule, with ``against`` (e.g. seed tasks) as the pool."""
-    return NearDuplicateFilter(against, threshold).filter(candidates, progress=progress)
+    candidates = list(candidates)
+    dedup_filter, candidate_ids = NearDuplicateFilter.for_batch(against, candidates, threshold)
+    return dedup_filter.filter_encoded(candidates, candidate_ids, progress=progress)
 
 
 def brute_force_filter(candidates: Sequence[str], pool: Sequence[str] = (), threshold: float = 0.7) -> list[bool]:

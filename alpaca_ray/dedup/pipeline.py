@@ -56,8 +56,9 @@ def dedup_on_ray(candidates: Sequence[str], against: Sequence[str] = (), thresho
     threshold = check_threshold(threshold)
     ray = _ensure_ray(ray_address)
     corpus = corpus if corpus is not None else TokenCorpus()
-    against_ids = corpus.add(against)
-    candidate_ids = corpus.add(candidates)
+    # One call for both, so elements are ordered by their frequency over pool and candidates together.
+    ids = corpus.add([*against, *candidates])
+    against_ids, candidate_ids = ids[: len(against)], ids[len(against):]
     arrays = [ray.put(np.ascontiguousarray(a)) for a in (corpus.offsets, corpus.tokens, corpus.elements)]
     shard_actor = ray.remote(num_cpus=1)(PoolShard)
     shards = [shard_actor.remote(*arrays, threshold) for _ in range(num_workers)]
@@ -146,8 +147,9 @@ def run_dedup(config: DedupConfig) -> DedupResult:
     candidates = [r.instruction for r in records]
     pool = [r.instruction for r in pool_records]
     if config.num_workers == 0:
-        dedup_filter = NearDuplicateFilter(pool, config.threshold)
-        kept = dedup_filter.filter(candidates, progress=config.progress, block_size=config.block_size)
+        dedup_filter, candidate_ids = NearDuplicateFilter.for_batch(pool, candidates, config.threshold)
+        kept = dedup_filter.filter_encoded(candidates, candidate_ids, progress=config.progress,
+                                           block_size=config.block_size)
         corpus, pool_ids = dedup_filter.corpus, dedup_filter._pool_ids
     else:
         corpus = TokenCorpus()
