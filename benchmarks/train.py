@@ -11,13 +11,25 @@ GPU (``--gpu``): one GPU, a ~1.1B-parameter Llama built from a config (random we
 sequence length 512, the stage's own FSDP2 wrapping, collation and loss, with and without packing;
 prints tokens/s per GPU and MFU = 6 x params x tokens / time / peak (H100 bf16 dense peak by default).
 
-    python benchmarks/train.py                # CPU comparison
-    python benchmarks/train.py --gpu          # on a GPU machine
+LoRA (``--lora-comparison``, CPU): a ~100M-parameter Llama built from a config (random weights, no
+download), full fine-tuning against LoRA (r 8 on q_proj/v_proj), each a short run of this stage on 2 Ray
+Train workers in the same process: peak memory per worker (the largest RSS of any rank), mean step time,
+trainable parameters, checkpoint size and final/ size.
+
+GPU (``--gpu``): one GPU, no Ray (a world-size-1 NCCL group; the stage's own model building, FSDP2
+sharding, step and loss), the ~1.1B Llama: tokens/s and peak GPU memory for full fine-tuning, LoRA and
+QLoRA (4-bit NF4 base; needs bitsandbytes). ``--gpu --packing-comparison``: full fine-tuning with and
+without packing, with MFU.
+
+    python benchmarks/train.py                      # CPU comparison with the HF Trainer
+    python benchmarks/train.py --lora-comparison    # CPU: full vs LoRA on a ~100M model
+    python benchmarks/train.py --gpu                # on a GPU machine: full vs LoRA vs QLoRA
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import random
@@ -207,9 +219,159 @@ def gpu_benchmark(args) -> None:
     dist.destroy_process_group()
 
 
+def directory_size(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def lora_cpu_benchmark(args) -> None:
+    """Full fine-tuning vs LoRA of a ~100M Llama on 2 CPU Ray Train workers, in one run."""
+    import ray
+
+    from alpaca_ray.records import write_records
+    from alpaca_ray.tiny import default_texts, make_tiny_model
+    from alpaca_ray.train.config import TrainConfig
+    from alpaca_ray.train.pipeline import run_train
+
+    records, source = benchmark_records(args.examples)
+    work = tempfile.mkdtemp(prefix="alpaca-ray-bench-lora-")
+    texts = default_texts() + [t for r in records for t in (r.instruction, r.input, r.output)]
+    model_dir = make_tiny_model(os.path.join(work, "model"), texts=texts, vocab_size=args.vocab_size,
+                                hidden_size=768, num_layers=args.layers, num_heads=12)
+    params = count_parameters(os.path.join(model_dir, "model.safetensors"))
+    data_path = os.path.join(work, "data.jsonl")
+    write_records(records, data_path)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    rows = {}
+    for name, extra in (("full fine-tuning", {}), ("LoRA r=8 (q_proj, v_proj)", {"lora": True})):
+        output = os.path.join(work, "lora" if extra else "full")
+        run_train(TrainConfig(base_model=model_dir, data=data_path, output=output, num_workers=2, epochs=1,
+                              global_batch_size=args.global_batch, micro_batch_size=args.micro,
+                              max_length=args.max_length, eval_fraction=0.0, max_steps=args.steps,
+                              checkpoint_every=10_000, max_failures=0, dtype=args.dtype, **extra))
+        steps = [json.loads(line) for line in open(os.path.join(output, "metrics.jsonl")) if '"loss"' in line]
+        checkpoints = sorted(glob.glob(os.path.join(output, "ray_results", "train", "checkpoint_step_*")))
+        final = os.path.join(output, "final")
+        trainable = count_parameters(os.path.join(final, "adapter_model.safetensors")) if extra else params
+        rows[name] = {"step_s": sum(r["time_s"] for r in steps[1:]) / max(1, len(steps) - 1),
+                      "peak_gb": max(r["peak_memory_gb"] for r in steps), "trainable": trainable,
+                      "checkpoint_mb": directory_size(checkpoints[-1]) / 2**20, "final_mb": directory_size(final) / 2**20,
+                      "steps": len(steps)}
+    ray.shutdown()
+    load = os.getloadavg()
+    full = rows["full fine-tuning"]
+    print(f"\nmodel: Llama from a config, {params / 1e6:.0f}M parameters (hidden 768, {args.layers} layers, vocab "
+          f"{args.vocab_size}); data: {source}; max_length {args.max_length}; global batch {args.global_batch}, "
+          f"micro {args.micro}; 2 CPU workers (1 CPU each), FSDP2 over gloo, {args.dtype} compute; {full['steps']} steps "
+          f"each (first excluded from the step time); load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print("| run | trainable params | peak memory per worker (GB) | step time (s) | checkpoint (MB) | final/ (MB) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['trainable'] / 1e6:.2f}M ({r['trainable'] / params:.2%}) | {r['peak_gb']:.2f} "
+              f"({r['peak_gb'] / full['peak_gb']:.2f}x) | {r['step_s']:.2f} ({r['step_s'] / full['step_s']:.2f}x) | "
+              f"{r['checkpoint_mb']:.1f} | {r['final_mb']:.1f} |")
+
+
+def count_parameters(safetensors_path: str) -> int:
+    from safetensors.torch import load_file
+
+    return sum(t.numel() for t in load_file(safetensors_path).values())
+
+
+def save_random_llama(config, directory: str) -> str:
+    """A random Llama from ``config`` in bf16 with a small tokenizer: a base model the stage can load."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from alpaca_ray.tiny import default_texts, train_tiny_tokenizer
+
+    with torch.device("cuda"):
+        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(directory)
+    train_tiny_tokenizer(default_texts(), 512).save_pretrained(directory)
+    del model
+    torch.cuda.empty_cache()
+    return directory
+
+
+def gpu_adapter_benchmark(args) -> None:
+    """Full vs LoRA vs QLoRA on one GPU with the stage's functions (no Ray): tokens/s and peak memory."""
+    import gc
+    import importlib.util
+
+    import torch
+    import torch.distributed as dist
+    from transformers import LlamaConfig
+
+    from alpaca_ray.train.config import TrainConfig
+    from alpaca_ray.train.data import Example, collate, pack_examples
+    from alpaca_ray.train.loop import make_optimizer, prepare_model, train_step
+    from alpaca_ray.train.model import choose_attention, trainable_parameters
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29517")
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    torch.cuda.set_device(0)
+    device = torch.device("cuda", 0)
+    config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                         num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)
+    work = tempfile.mkdtemp(prefix="alpaca-ray-bench-gpu-")
+    model_dir = save_random_llama(config, os.path.join(work, "base"))
+    attn = choose_attention("auto", use_gpu=True)
+    rng = random.Random(0)
+    lengths = {i: max(24, min(512, int(rng.lognormvariate(5.2, 0.6)))) for i in range(2_000)}
+    examples = {i: Example(i, tuple(rng.randrange(3, 32000) for _ in range(n)), min(n - 1, 60))
+                for i, n in lengths.items()}
+    units = pack_examples(list(lengths), lengths, 512)
+    batches = [units[k:k + args.micro] for k in range(0, len(units), args.micro)]
+    flatten = attn.startswith("flash")
+    print(f"GPU: {torch.cuda.get_device_name(0)}; torch {torch.__version__}; attention {attn}; a 1.1B Llama from a "
+          f"config (random weights); packed rows of 512 tokens, micro batch {args.micro}; {args.steps} timed steps "
+          f"after 3 warm-up steps; LoRA r=8 on q_proj/v_proj (QLoRA: base in 4-bit NF4, adapters bf16)")
+    print("| mode | trainable params | real tokens/s | peak GPU memory (GiB) | memory vs full | speed vs full |")
+    print("|---|---:|---:|---:|---:|---:|")
+    reference = None
+    for mode in ("full", "lora", "qlora"):
+        if mode == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
+            print("| qlora | - | - | - | - | - |  (bitsandbytes is not installed)")
+            continue
+        torch.manual_seed(0)
+        cfg = TrainConfig(base_model=model_dir, data="-", output="-", use_gpu=True, num_workers=1,
+                          global_batch_size=args.micro, micro_batch_size=args.micro,
+                          activation_checkpointing=args.activation_checkpointing,
+                          lora=mode != "full", qlora=mode == "qlora")
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        model, _ = prepare_model(cfg, attn, device, 1)
+        optimizer = make_optimizer(model, cfg)
+        trainable = sum(p.numel() for p in trainable_parameters(model))
+        real = 0
+        for step, micro_batch in enumerate(batches[:args.steps + 3]):
+            if step == 3:
+                torch.cuda.synchronize()
+                started, real = time.perf_counter(), 0
+            batch = collate([[examples[i] for i in unit] for unit in micro_batch], 0, True)
+            train_step(model, optimizer, [batch], batch["num_labels"], 1, device, flatten, 1.0, seed=step)
+            real += batch["num_real"]
+        torch.cuda.synchronize()
+        tokens_per_s = real / (time.perf_counter() - started)
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        reference = reference or (tokens_per_s, peak)
+        print(f"| {mode} | {trainable / 1e6:.1f}M | {tokens_per_s:.0f} | {peak:.1f} | {peak / reference[1]:.2f}x | "
+              f"{tokens_per_s / reference[0]:.2f}x |", flush=True)
+        del model, optimizer
+        gc.collect()
+    dist.destroy_process_group()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gpu", action="store_true", help="the GPU benchmark (~1.1B Llama, seq 512)")
+    parser.add_argument("--gpu", action="store_true", help="the GPU benchmark (~1.1B Llama, seq 512): full vs "
+                                                           "LoRA vs QLoRA")
+    parser.add_argument("--packing-comparison", action="store_true", help="with --gpu: packing vs padding instead")
+    parser.add_argument("--lora-comparison", action="store_true", help="CPU: full vs LoRA on a ~100M model")
+    parser.add_argument("--layers", type=int, default=10, help="--lora-comparison: decoder layers (10: ~100M)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="--lora-comparison: compute dtype (CPUs without AVX512-BF16 emulate bf16 slowly)")
     parser.add_argument("--examples", type=int, default=256)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--hidden-size", type=int, default=64)
@@ -220,7 +382,12 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="GPU bf16 dense peak (H100 SXM: 989)")
     parser.add_argument("--activation-checkpointing", action="store_true")
     args = parser.parse_args()
-    gpu_benchmark(args) if args.gpu else cpu_benchmark(args)
+    if args.gpu:
+        gpu_benchmark(args) if args.packing_comparison else gpu_adapter_benchmark(args)
+    elif args.lora_comparison:
+        lora_cpu_benchmark(args)
+    else:
+        cpu_benchmark(args)
 
 
 if __name__ == "__main__":

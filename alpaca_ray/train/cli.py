@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
 
         config = config_from_args(TrainConfig, args, section="train")
         summary = run_train(config)
-        print(json.dumps({k: summary[k] for k in ("final", "metrics", "resumed")}, indent=2))
+        print(json.dumps({k: summary[k] for k in ("final", "merged", "metrics", "resumed") if k in summary}, indent=2))
         return 0
 
     return run_cli(body)

@@ -62,6 +62,20 @@ class TrainConfig:
                 "nodes as it can; SPREAD puts ranks on different nodes where it can; STRICT_SPREAD requires "
                 "one rank per node")
     log_every: int = option(1, "write a metrics record every this many steps")
+    lora: bool = option(
+        False, "train low-rank adapters (PEFT LoRA) on a frozen base instead of every weight; final/ is then "
+               "a PEFT adapter directory (LoRA learning rates are higher: Alpaca-LoRA used 3e-4)")
+    qlora: bool = option(
+        False, "LoRA on a base model loaded in 4-bit NF4 (bitsandbytes) on GPU workers, adapters in bf16; "
+               "implies --lora and needs --use-gpu")
+    lora_rank: int = option(8, "rank r of each adapter (Alpaca-LoRA: 8)")
+    lora_alpha: int = option(16, "adapter scale numerator: updates are scaled by alpha / rank (Alpaca-LoRA: 16)")
+    lora_dropout: float = option(0.05, "dropout on the adapters' input (Alpaca-LoRA: 0.05)")
+    lora_target_modules: list[str] = option(
+        default_factory=list, help="names of the modules that get adapters, e.g. q_proj v_proj, or all-linear "
+                                   "(default: PEFT's choice for the architecture: q_proj v_proj on Llama)")
+    merge: bool = option(False, "with --lora/--qlora, also export OUTPUT/merged: the adapters merged into the "
+                                "base weights, a standard Hugging Face model")
 
     def __post_init__(self) -> None:
         validate(self, [
@@ -88,7 +102,10 @@ class TrainConfig:
             (self.placement_strategy in PLACEMENT_STRATEGIES,  # a config file bypasses argparse's choices
              f"placement_strategy must be one of {', '.join(PLACEMENT_STRATEGIES)}, got {self.placement_strategy!r}"),
             *batch_size_checks(self.global_batch_size, self.num_workers, self.micro_batch_size),
+            *lora_checks(self),
         ])
+        if self.qlora:
+            self.lora = True  # QLoRA is LoRA on a quantized base: every LoRA code path applies
 
     @property
     def derived_micro_batch_size(self) -> int:
@@ -97,6 +114,23 @@ class TrainConfig:
     @property
     def grad_accumulation(self) -> int:
         return self.global_batch_size // (self.derived_micro_batch_size * self.num_workers)
+
+
+def lora_checks(cfg: TrainConfig) -> list[tuple[bool, str]]:
+    """The adapter options: sensible ranges, and only where adapters are trained."""
+    adapters = cfg.lora or cfg.qlora
+    targets = cfg.lora_target_modules
+    return [
+        (cfg.lora_rank >= 1, f"lora_rank must be >= 1, got {cfg.lora_rank}"),
+        (cfg.lora_alpha > 0, f"lora_alpha must be > 0, got {cfg.lora_alpha}"),
+        (0 <= cfg.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {cfg.lora_dropout}"),
+        (isinstance(targets, (list, tuple)) and all(isinstance(t, str) and t.strip() for t in targets),
+         f"lora_target_modules must be a list of module names, got {targets!r}"),
+        (not cfg.merge or adapters, "merge applies to adapter runs: add --lora or --qlora"),
+        (not cfg.qlora or cfg.use_gpu, "qlora needs GPU workers (--use-gpu): bitsandbytes' 4-bit kernels run on CUDA"),
+        (not cfg.qlora or cfg.dtype == "bfloat16", f"qlora computes and keeps adapters in bfloat16, got dtype {cfg.dtype}"),
+        (not cfg.qlora or not cfg.cpu_offload, "qlora keeps the 4-bit base on the GPU: drop --cpu-offload"),
+    ]
 
 
 def batch_size_checks(global_batch: int, workers: int, micro: int | None) -> list[tuple[bool, str]]:

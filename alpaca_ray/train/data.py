@@ -37,6 +37,17 @@ def add_pad_token(tokenizer) -> bool:
     return True
 
 
+def reuse_pad_token(tokenizer) -> None:
+    """Give the tokenizer a pad token from its own vocabulary when it has none: UNK, else EOS.
+
+    For adapter training: a new token would need a new embedding row, which a frozen base cannot learn
+    and an adapter would have to carry. Pad positions are masked (attention mask, -100 labels), so any
+    token does; Alpaca-LoRA pads with UNK (id 0) so that padding never reads as an end of text.
+    """
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
+
+
 def tokenize_record(tokenizer, instruction: str, input: str, output: str, max_length: int) -> dict:  # noqa: A002
     """Tokenize one record as Alpaca does: ``prompt + output`` together, EOS appended, prompt masked.
 

@@ -120,6 +120,87 @@ def evaluate(model, eval_examples: dict[int, Example], cfg: TrainConfig, micro: 
     return float(totals[0] / totals[1].clamp(min=1))
 
 
+def prepare_model(cfg: TrainConfig, attn: str, device, world: int):
+    """(sharded model in train mode, tokenizer) on this rank: the same on every rank, from the seed."""
+    import torch
+
+    from alpaca_ray.train.model import build_model, shard_model
+
+    torch.manual_seed(cfg.seed)  # new embedding rows and adapter initialisation are identical on every rank
+    model, tokenizer = build_model(cfg, attn, device)
+    model = shard_model(model, "cuda" if cfg.use_gpu else "cpu", world, cfg.dtype, cfg.cpu_offload,
+                        cfg.activation_checkpointing, quantized_base=cfg.qlora)
+    model.train()
+    return model, tokenizer
+
+
+def make_optimizer(model, cfg: TrainConfig):
+    """AdamW over the trainable parameters only: with LoRA its state holds the adapters' moments, no more."""
+    import torch
+
+    from alpaca_ray.train.model import trainable_parameters
+
+    return torch.optim.AdamW(trainable_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def peak_memory_gb(device) -> float:
+    """This process's peak memory so far: GPU memory allocated on a GPU, else the resident set (RSS)."""
+    import resource
+    import sys
+
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The RNG seed of one rank's step (dropout, e.g. LoRA's): a function of the step, so a resumed run
+    draws the same masks as an uninterrupted one."""
+    return (seed * 1_000_003 + step) * 4099 + rank
+
+
+def train_step(model, optimizer, local_batches: list[dict], label_tokens: int, world: int, device, flatten: bool,
+               max_grad_norm: float, seed: int | None = None):
+    """One optimizer step over this rank's micro-batches; returns (this rank's loss sum, global grad norm).
+
+    The loss is a mean over the global batch's label tokens (``label_tokens``, all ranks together);
+    FSDP averages gradients over ranks, hence the ``x world``.
+    """
+    import torch
+
+    from alpaca_ray.train.model import set_gradient_sync, trainable_parameters
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for a, batch in enumerate(local_batches):
+        set_gradient_sync(model, a == len(local_batches) - 1)  # reduce-scatter once per step
+        loss = token_loss_sum(model, batch, device, flatten)
+        (loss * world / max(1, label_tokens)).backward()
+        loss_sum += loss.detach().double()
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(model), max_grad_norm)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm
+
+
+def export(model, tokenizer, cfg: TrainConfig, output: str, base_dtype, metadata: dict, rank: int) -> None:
+    """``OUTPUT/final``: the full model, or with LoRA the adapter directory (plus ``OUTPUT/merged`` with
+    ``--merge``). A collective: every rank calls it."""
+    from alpaca_ray.train.checkpoint import export_adapter, export_final
+
+    final = storage.join(output, "final")
+    if cfg.lora:
+        export_adapter(model, tokenizer, final, metadata, rank, cfg.base_model, base_dtype,
+                       merged_dir=storage.join(output, "merged") if cfg.merge else None)
+    else:
+        export_final(model, tokenizer, final, base_dtype, metadata, rank)
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train's per-worker function; ``loop_config`` carries the config and what the driver resolved."""
     import ray.data
@@ -129,8 +210,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import torch.distributed as dist
     from tqdm import tqdm
 
-    from alpaca_ray.train.checkpoint import export_final, restore, save_and_report
-    from alpaca_ray.train.model import load_model, load_tokenizer, shard_model
+    from alpaca_ray.train.checkpoint import restore, save_and_report
 
     if loop_config.get("node_check") is not None:  # a node started after the preflight: check it first
         loop_config["node_check"].verify()
@@ -154,14 +234,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     last_step = min(plan.total_steps, cfg.max_steps or plan.total_steps)
 
     # Model: full fp32 weights on every rank, then sharded; bf16 compute, fp32 master weights and reduction.
-    torch.manual_seed(cfg.seed)
-    tokenizer = load_tokenizer(cfg.base_model)
-    model = load_model(cfg.base_model, tokenizer, attn)
-    model = shard_model(model, "cuda" if cfg.use_gpu else "cpu", world, cfg.dtype, cfg.cpu_offload,
-                        cfg.activation_checkpointing)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    state = restore(model, optimizer)
+    # LoRA: the frozen base in the compute dtype (4-bit with QLoRA) plus adapters, which alone are trained.
+    model, tokenizer = prepare_model(cfg, attn, device, world)
+    optimizer = make_optimizer(model, cfg)
+    state = restore(model, optimizer, adapters_only=cfg.lora)
     start_step = state["step"] if state else 0
 
     # Rank 0 writes every file of the run to the storage root (a shared path or an object store): its node
@@ -186,24 +262,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr
         started = time.perf_counter()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        for a, per_worker in enumerate(micro_batches):
-            batch = collate([[examples[i] for i in unit] for unit in per_worker[rank]], pad_id, packed)
-            model.set_requires_gradient_sync(a == accumulation - 1)  # reduce-scatter once per step
-            loss = token_loss_sum(model, batch, device, flatten)
-            # A mean over the global batch's label tokens; FSDP averages gradients over ranks, hence x world.
-            (loss * world / max(1, label_tokens)).backward()
-            loss_sum += loss.detach().double()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        local_batches = [collate([[examples[i] for i in unit] for unit in per_worker[rank]], pad_id, packed)
+                         for per_worker in micro_batches]
+        loss_sum, grad_norm = train_step(model, optimizer, local_batches, label_tokens, world, device, flatten,
+                                         cfg.max_grad_norm, seed=step_seed(cfg.seed, step, rank))
         dist.all_reduce(loss_sum)
         elapsed = time.perf_counter() - started
+        peak = torch.tensor(peak_memory_gb(device), dtype=torch.float64, device=device)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         record = {"step": step + 1, "epoch": epoch, "loss": float(loss_sum) / max(1, label_tokens), "lr": lr,
                   "grad_norm": float(grad_norm), "tokens_per_s": real / elapsed,
                   "real_token_share": real / computed, "real_tokens": real, "computed_tokens": computed,
-                  "time_s": elapsed}
+                  "time_s": elapsed, "peak_memory_gb": float(peak)}
         progress.update(1)
         progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
         if metrics is not None and (step + 1) % cfg.log_every == 0:
@@ -220,16 +290,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if metrics is not None:
                 # Before the checkpoint exists: a run resumed from it then finds every record up to it.
                 metrics.flush()
-            save_and_report(model, optimizer, {"step": step + 1, "epoch": epoch}, record, rank)
+            save_and_report(model, optimizer, {"step": step + 1, "epoch": epoch}, record, rank,
+                            adapters_only=cfg.lora)
             if metrics is not None:
                 plot_loss(parse_metrics(metrics.text()), storage.join(output, "loss.png"))
     progress.close()
 
     metadata = {"prompt_template": TEMPLATE_NAME, "base_model": cfg.base_model,
                 "train_config": loop_config["train_config"], "steps": last_step,
-                "total_steps": plan.total_steps, "packing": packed}
-    export_final(model, tokenizer, storage.join(output, "final"), getattr(torch, loop_config["base_dtype"]),
-                 metadata, rank)
+                "total_steps": plan.total_steps, "packing": packed,
+                "finetuning": "qlora" if cfg.qlora else "lora" if cfg.lora else "full"}
+    export(model, tokenizer, cfg, output, getattr(torch, loop_config["base_dtype"]), metadata, rank)
     if metrics is not None:
         metrics.flush()
         plot_loss(parse_metrics(metrics.text()), storage.join(output, "loss.png"))

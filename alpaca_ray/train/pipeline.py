@@ -22,7 +22,9 @@ from alpaca_ray.train.config import TrainConfig
 RUN_NAME = "train"
 #: Fields that decide the data order and schedule: a resumed run must keep them.
 PLAN_FIELDS = ("base_model", "data", "epochs", "global_batch_size", "max_length", "packing", "seed",
-               "eval_fraction", "eval_max_examples", "lr", "warmup_ratio")
+               "eval_fraction", "eval_max_examples", "lr", "warmup_ratio",
+               # what the checkpoint holds: full weights, or adapters of this shape on these modules
+               "lora", "qlora", "lora_rank", "lora_target_modules")
 
 
 @dataclass
@@ -83,13 +85,16 @@ def inspect_model(cfg: TrainConfig) -> tuple[str, bool]:
     import torch
     from transformers import AutoConfig
 
-    from alpaca_ray.train.model import load_tokenizer, supports_packing
+    from alpaca_ray.train.model import default_lora_targets, load_tokenizer, supports_packing
 
     try:
         model_config = AutoConfig.from_pretrained(cfg.base_model)
         load_tokenizer(cfg.base_model)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load base model {cfg.base_model!r}: {err}") from None
+    if cfg.lora and not cfg.lora_target_modules and not default_lora_targets(model_config.model_type):
+        raise UserError(f"{cfg.base_model}: PEFT has no default LoRA targets for model type "
+                        f"{model_config.model_type!r}: name them with --lora-target-modules (or all-linear)")
     dtype = getattr(model_config, "dtype", None) or torch.float32
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
@@ -235,7 +240,8 @@ def run_train(cfg: TrainConfig) -> dict:
     metrics_path = storage.join(cfg.output, "metrics.jsonl")
     summary = {**throughput_summary(metrics_path), "output": cfg.output, "final": storage.join(cfg.output, "final"),
                "metrics": metrics_path, "resumed": has_checkpoint, "data": vars(report),
-               "last_metrics": result.metrics}
+               "last_metrics": result.metrics,
+               **({"merged": storage.join(cfg.output, "merged")} if cfg.merge else {})}
     storage.write_text(storage.join(cfg.output, "summary.json"), json.dumps(summary, indent=2, default=str))
     if "real_token_share" in summary:
         print(f"trained {summary['steps']} steps: {summary['tokens_per_s']:.0f} real tokens/s, "

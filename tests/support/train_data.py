@@ -29,3 +29,15 @@ def make_records(count: int = 48, seed: int = 0) -> list[AlpacaRecord]:
 def write_dataset(path: Path, count: int = 48, seed: int = 0) -> Path:
     write_records(make_records(count, seed), path)
     return path
+
+
+def make_colour_records(count: int = 48) -> list[AlpacaRecord]:
+    """A toy task for adapters: name the colour of a number (each of the 8 colours, in turn)."""
+    return [AlpacaRecord(instruction=f"Name colour number {i % len(COLORS)}.",
+                         output=f"Colour {i % len(COLORS)} is {COLORS[i % len(COLORS)]}.")
+            for i in range(count)]
+
+
+def write_colour_dataset(path: Path, count: int = 48) -> Path:
+    write_records(make_colour_records(count), path)
+    return path

@@ -16,6 +16,8 @@ def tiny_recipe(model: Path, data: Path, output: Path, **overrides) -> list[str]
     for name, value in flags.items():
         if isinstance(value, bool):
             argv.append(f"--{name}" if value else f"--no-{name}")
+        elif isinstance(value, (list, tuple)):
+            argv += [f"--{name}", *map(str, value)]
         else:
             argv += [f"--{name}", str(value)]
     return argv

@@ -87,3 +87,15 @@ def test_modern_8b_uses_open_models_only():
     assert specs["evaluate"].values["model_b_base_url"] == TEACHER_URL == specs["evaluate"].values["judge_base_url"]
     assert specs["evaluate"].values["model_b"] == teacher.model
     assert "openai.com" not in str(specs["evaluate"].values)
+
+
+def test_alpaca_lora_7b_is_alpaca_loras_recipe():
+    specs = specs_of(REPO_ROOT / "configs" / "alpaca-lora-7b.yaml")
+    train = specs["train"].config_class(**specs["train"].values)
+    # tloen/alpaca-lora finetune.py: r 8, alpha 16, dropout 0.05 on q/v, lr 3e-4, batch 128 of 4, cutoff 256
+    assert (train.lora, train.qlora, train.lora_rank, train.lora_alpha, train.lora_dropout) == (True, False, 8, 16, 0.05)
+    assert train.lora_target_modules == ["q_proj", "v_proj"]
+    assert (train.lr, train.epochs, train.global_batch_size, train.micro_batch_size, train.max_length) == \
+        (3e-4, 3, 128, 4, 256)
+    assert train.num_workers == 1 and train.use_gpu and train.eval_max_examples == 2000
+    assert specs["serve"].values["model"].endswith("train/final")  # the adapter directory
