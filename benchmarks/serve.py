@@ -3,6 +3,7 @@
     python benchmarks/serve.py                      # tiny model on CPU, through Ray Serve over HTTP
     python benchmarks/serve.py --target engine      # the batching engine in-process (no Ray, no HTTP)
     python benchmarks/serve.py --model PATH --use-gpu [--engine vllm]   # a ~1B model on a GPU
+    python benchmarks/serve.py --target fairness    # a small request's latency while a huge one runs
 
 The reference (``generate()`` one request at a time, the way a naive server answers) runs in the same
 process and run, with the same prompts, sampling and token budget. Output tokens/s counts generated tokens
@@ -130,10 +131,69 @@ def bench_serve(args, levels: list[int]) -> list[dict]:
     return results
 
 
+def bench_fairness(args) -> None:
+    """A 4-token request alone, then while one request of 100 prompts x n=16 x 64 tokens runs (HTTP)."""
+    import statistics
+
+    import httpx
+    import ray
+    from ray import serve
+
+    from alpaca_ray.serve.app import deploy
+    from alpaca_ray.serve.config import ServeConfig
+    from tests.support.ray_head import free_port
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    config = ServeConfig(model=args.model, port=free_port(), app_name="bench-fair", content_filter="none",
+                         max_batch_size=args.max_batch_size, max_sequences_per_request=1600,
+                         reports_db=os.path.join(tempfile.mkdtemp(), "r.db"))
+    url = deploy(config)
+    small = {"model": config.model_id, "prompt": "Name a color.", "max_tokens": 4, "temperature": 0.0}
+    big = {"model": config.model_id, "prompt": [f"Story {i}:" for i in range(100)], "n": 16, "max_tokens": 64,
+           "temperature": 1.0, "seed": 1}
+
+    async def timed(client) -> float:
+        begin = time.perf_counter()
+        response = await client.post(url + "v1/completions", json=small)
+        response.raise_for_status()
+        return time.perf_counter() - begin
+
+    async def run():
+        async with httpx.AsyncClient(timeout=600) as client:
+            for _ in range(3):
+                await timed(client)  # warm-up
+            alone = [await timed(client) for _ in range(args.fair_samples)]
+            begin = time.perf_counter()
+            task = asyncio.create_task(client.post(url + "v1/completions", json=big))
+            await asyncio.sleep(2.0)  # the big request is decoding by now
+            loaded = []
+            while not task.done() and len(loaded) < args.fair_samples:
+                loaded.append(await timed(client))
+            response = await task
+            return alone, loaded, time.perf_counter() - begin, response.status_code
+
+    try:
+        alone, loaded, big_wall, status = asyncio.run(run())
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    ratio = statistics.median(loaded) / statistics.median(alone)
+    print(f"\nmodel: {args.model} | max_batch_size {args.max_batch_size} | load average {os.getloadavg()[0]:.1f} "
+          f"(1 min) on {os.cpu_count()} CPUs\n")
+    print("| small request (4 tokens) | samples | median latency (s) | max (s) |")
+    print("|---|---:|---:|---:|")
+    print(f"| alone | {len(alone)} | {statistics.median(alone):.3f} | {max(alone):.3f} |")
+    print(f"| while 100 prompts x n=16 x 64 tokens run | {len(loaded)} | {statistics.median(loaded):.3f} | "
+          f"{max(loaded):.3f} |")
+    print(f"\nloaded / alone (median): {ratio:.2f}x (target: <= 2x); the big request took {big_wall:.1f}s "
+          f"(HTTP {status})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="model dir or hub name (default: a tiny model made in a temp dir)")
-    parser.add_argument("--target", choices=("serve", "engine"), default="serve")
+    parser.add_argument("--target", choices=("serve", "engine", "fairness"), default="serve")
+    parser.add_argument("--fair-samples", type=int, default=10, help="small requests timed per phase (fairness)")
     parser.add_argument("--engine", choices=("auto", "transformers", "vllm"), default="transformers")
     parser.add_argument("--use-gpu", action="store_true")
     parser.add_argument("--levels", type=int, nargs="*", default=[1, 8, 32])
@@ -145,6 +205,9 @@ def main() -> None:
         from alpaca_ray.tiny import make_tiny_model
 
         args.model = make_tiny_model(tempfile.mkdtemp())
+    if args.target == "fairness":
+        bench_fairness(args)
+        return
     reference = reference_generate(args.model, "cuda" if args.use_gpu else "cpu", args.requests, args.max_tokens)
     results = bench_serve(args, args.levels) if args.target == "serve" else bench_engine(args, args.levels)
     print(f"\nmodel: {args.model} | device: {'GPU' if args.use_gpu else 'CPU'} | max_tokens {args.max_tokens}, "

@@ -18,6 +18,14 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 
+def pytest_runtest_setup(item):
+    # A browser test that cannot start its browser fails, loudly: a silent skip would pass a suite that
+    # never drove the pages. Debian's Chromium is what the tests drive (pip's browser downloads need internet).
+    if item.get_closest_marker("browser") and not os.path.exists("/usr/bin/chromium"):
+        pytest.fail("this test drives headless Chromium, and /usr/bin/chromium is missing: install it with "
+                    "'sudo apt-get install -y chromium' (README, Setup)", pytrace=False)
+
+
 def pytest_collection_modifyitems(items):
     # The multi-node tests first: their three Ray nodes then have the machine's cores to themselves, and
     # they are stopped before the session's single-node clusters (ray_local, ray_head) start.

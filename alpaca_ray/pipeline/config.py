@@ -44,10 +44,11 @@ CONFIG_CLASSES = {
 #: Fields that name a local file or directory the stage reads (made absolute when they exist here, since a
 #: job runs in a copy of the working directory) or writes (always made absolute).
 INPUT_PATH_FIELDS = {
-    "generate": ("seed_tasks",),
+    "generate": ("seed_tasks", "prompt_template"),
     "train": ("base_model", "data"),
     "serve": ("model", "filter_terms_file"),
-    "evaluate": ("eval_set", "model_a_answers", "model_b_answers", "judge_template"),
+    "evaluate": ("eval_set", "model_a_answers", "model_b_answers", "judge_template", "annotations",
+                 "instruction_difficulty", "lc_gamed_annotations"),
 }
 TEACHER_PATH_FIELDS = ("replay", "model")
 OUTPUT_PATH_FIELDS = {
@@ -139,7 +140,9 @@ class TeacherSection:
                 "use_gpu": self.use_gpu, "num_cpus_per_replica": self.num_cpus_per_replica,
                 "app_name": TEACHER_APP, "route_prefix": self.route_prefix, "served_model_name": served_model_name,
                 "host": serve.get("host", "127.0.0.1"), "port": serve.get("port", 8000),
-                "content_filter": "none", "blocking": False}
+                "content_filter": "none", "blocking": False,
+                # the run's own teacher, bound like the run's app; it answers any key (as the offline one does)
+                "allow_unauthenticated": True}
 
 
 @dataclass

@@ -240,6 +240,31 @@ def resumes_attempt(spec: StageSpec, state: dict) -> bool:
             and record.get("status") not in (None, "succeeded") and record.get("fingerprint") == spec.fingerprint)
 
 
+#: Stages whose output holds a run they refuse to overwrite (train's checkpoints): rerun without --resume
+#: (``--from-stage``, a changed section), the earlier run is moved aside and the stage starts afresh.
+FRESH_RUN_STAGES = ("train",)
+
+
+def set_aside_earlier_run(spec: StageSpec, resuming: bool, say: Callable[[str], None]) -> str | None:
+    """Move ``spec``'s output directory aside (to ``OUTPUT.previous-TIME``) when it holds an earlier run
+    that this submission does not resume; returns where it went, None when there was nothing to move."""
+    output = str(spec.values.get("output") or "")
+    if spec.name not in FRESH_RUN_STAGES or resuming or spec.values.get("resume") or not output:
+        return None
+    if storage.is_remote(output):
+        if storage.exists(output) and storage.listdir(output):
+            raise UserError(f"{spec.name}.output {output} holds an earlier run, which cannot be moved aside on "
+                            "object storage: delete it, or set another output, to rerun the stage")
+        return None
+    local = storage.local_path(output).rstrip("/")
+    if not os.path.isdir(local) or not os.listdir(local):
+        return None
+    aside = f"{local}.previous-{time.strftime('%Y%m%d-%H%M%S')}"
+    os.rename(local, aside)
+    say(f"{spec.name}: the earlier run in {local} was moved aside to {aside}; {spec.name} starts afresh")
+    return aside
+
+
 def submit_time_values(spec: StageSpec, specs: list[StageSpec], state: dict, serve_url: str) -> dict:
     """Flags known only when the stage is submitted: ``--resume`` for an unfinished attempt, and for
     evaluate, model A = the model this run served (its name, and its URL as recorded when deployed)."""
@@ -542,6 +567,7 @@ class PipelineRunner:
                 else:
                     self.stop_teacher()  # before train: its GPUs are for training
                 extra.update(submit_time_values(spec, self.specs, self.state, self.serve_url()))
+                set_aside_earlier_run(spec, resuming=bool(extra.get("resume")), say=self.say)
                 self._run_stage(spec, extra, env_vars)
         finally:
             self.stop_teacher()

@@ -11,7 +11,7 @@ from alpaca_ray.cluster.preflight import finish, preflight_stage
 from alpaca_ray.cluster.ray_cluster import ensure_ray
 from alpaca_ray.cluster.services import wait_for_stop_signal
 from alpaca_ray.config import UserError, config_from_args, config_to_dict, make_parser, run_cli
-from alpaca_ray.serve.config import ServeConfig, api_key_hash, resolve_config
+from alpaca_ray.serve.config import ServeConfig, is_loopback, resolve_config, take_api_key_hash
 
 
 def serve_model_root(model: str) -> str | None:
@@ -26,7 +26,9 @@ def serve_model_root(model: str) -> str | None:
 def serve_model(config: ServeConfig) -> str:
     """Deploy the app; with ``blocking``, stay until SIGINT/SIGTERM and then delete it. Returns the URL."""
     config = resolve_config(config)  # bad paths and a missing key fail here, before any cluster is touched
-    api_key_hash(config)
+    # the key is read here and removed from this process's environment before any Ray process can inherit
+    # it (a cluster started below does): only its SHA-256 goes to the replicas
+    key_hash = take_api_key_hash(config)
     if config.blocking:
         ensure_ray()  # RAY_ADDRESS's cluster, else a local one that lives as long as this process
     else:
@@ -45,10 +47,10 @@ def serve_model(config: ServeConfig) -> str:
         finish(preflight_stage("serve", model_root, config_to_dict(config),
                                say=lambda line: print(line, file=sys.stderr, flush=True)))
 
-    if config.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key_env:
+    if not is_loopback(config.host) and not config.api_key_env:  # only with --allow-unauthenticated
         print(f"warning: binding {config.host} without an API key: anyone who can reach this port can use the "
               "model and read the reports (set --api-key-env)", file=sys.stderr, flush=True)
-    url = deploy(config)
+    url = deploy(config, key_hash)
     print(f"serving {config.model_id!r} at {url} (OpenAI API: {url}v1, demo: {url}, metrics: {url}metrics)",
           flush=True)
     if not config.blocking:

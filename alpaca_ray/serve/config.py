@@ -28,7 +28,10 @@ class ServeConfig:
     use_gpu: bool = option(False, "give each replica one GPU and run the model on it")
     num_cpus_per_replica: float = option(1.0, "CPUs reserved per replica")
     api_key_env: str | None = option(None, "name of the env var holding the API key that every /v1 route "
-                                           "requires (the key itself is never stored)")
+                                           "requires (read once by this process; only its SHA-256 reaches the "
+                                           "cluster)")
+    allow_unauthenticated: bool = option(False, "allow a --host other than loopback without --api-key-env "
+                                                "(anyone who reaches the port can use the model and read reports)")
     blocking: bool = option(True, "stay in the foreground until SIGINT/SIGTERM, then delete the app; "
                                   "--no-blocking deploys, waits until healthy, prints the URL and exits")
     app_name: str = option("alpaca-ray", "Serve application name")
@@ -42,6 +45,11 @@ class ServeConfig:
     max_batch_size: int = option(16, "most sequences decoded together in one batch")
     batch_wait_timeout_s: float = option(0.01, "how long the engine waits for more requests to fill a batch")
     max_ongoing_requests: int = option(128, "requests a replica accepts at once (queued for the engine)")
+    max_sequences_per_request: int = option(256, "most answers one request may ask for (prompt list length x n); "
+                                                 "more is a 400")
+    max_body_bytes: int = option(2_000_000, "largest request body in bytes; a larger one is answered 413")
+    max_report_field_chars: int = option(20_000, "longest text a report may hold in each field (response, "
+                                                 "instruction, input, prompt, model); longer is a 400")
     default_max_tokens: int = option(256, "max_tokens when a request does not give one")
     max_tokens_limit: int = option(2048, "largest max_tokens a request may ask for")
     reports_db: str = option("reports.db", "SQLite file the demo's reports go to (made absolute at start)")
@@ -80,6 +88,12 @@ class ServeConfig:
             (self.max_batch_size >= 1, "max_batch_size must be >= 1"),
             (self.batch_wait_timeout_s >= 0, "batch_wait_timeout_s must be >= 0"),
             (self.max_ongoing_requests >= 1, "max_ongoing_requests must be >= 1"),
+            (self.max_sequences_per_request >= 1, "max_sequences_per_request must be >= 1"),
+            (self.max_body_bytes >= 1024, f"max_body_bytes must be >= 1024, got {self.max_body_bytes}"),
+            (self.max_report_field_chars >= 1, "max_report_field_chars must be >= 1"),
+            (is_loopback(self.host) or bool(self.api_key_env) or self.allow_unauthenticated,
+             f"host {self.host} is reachable from other machines but no API key protects the API: set "
+             "--api-key-env NAME, or pass --allow-unauthenticated on a network you trust"),
             (1 <= self.default_max_tokens <= self.max_tokens_limit,
              "default_max_tokens must be in 1..max_tokens_limit"),
             (0 < self.watermark_gamma < 1, f"watermark_gamma must be in (0, 1), got {self.watermark_gamma}"),
@@ -112,6 +126,11 @@ class ServeConfig:
         return path
 
 
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps the proxy reachable from this machine only."""
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
 def hash_key(key: str) -> str:
     """What replicas compare API keys by: SHA-256, so the key itself never travels to them."""
     return hashlib.sha256(key.encode()).hexdigest()
@@ -123,8 +142,8 @@ def resolve_config(config: ServeConfig) -> ServeConfig:
     if storage.is_remote(config.model):
         # Replicas copy the model to their own node's disk (storage.cached_local_copy); check it is there now.
         config_uri = storage.join(config.model, "config.json")
-        try:
-            found = storage.exists(config_uri)
+        try:  # a LoRA run's final/ is a PEFT adapter directory: adapter_config.json instead
+            found = storage.exists(config_uri) or storage.exists(storage.join(config.model, "adapter_config.json"))
         except OSError as err:
             raise UserError(f"--model {config.model}: cannot reach it: {err}") from None
         if not found:
@@ -134,7 +153,8 @@ def resolve_config(config: ServeConfig) -> ServeConfig:
             values["served_model_name"] = config.model_id
     model = os.path.expanduser(config.model)
     looks_local = config.model.startswith(("/", "./", "../", "~")) or os.path.exists(model)
-    if looks_local and not os.path.isfile(os.path.join(model, "config.json")):
+    if looks_local and not any(os.path.isfile(os.path.join(model, name)) for name in ("config.json",
+                                                                                      "adapter_config.json")):
         raise UserError(f"--model {config.model}: not a model directory (no config.json there); give the train "
                         "stage's OUTPUT/final or a Hugging Face model dir or hub name")
     if config.content_filter == "terms" and config.filter_terms_file:
@@ -159,3 +179,15 @@ def api_key_hash(config: ServeConfig) -> str | None:
     if not key:
         raise UserError(f"api_key_env names {config.api_key_env!r} but that environment variable is not set")
     return hash_key(key)
+
+
+def take_api_key_hash(config: ServeConfig) -> str | None:
+    """Like :func:`api_key_hash`, and then remove the key from this process's environment.
+
+    A Ray cluster this process starts inherits its environment (GCS, raylet, every worker, every replica):
+    with the variable gone first, only the hash ever reaches the cluster.
+    """
+    key_hash = api_key_hash(config)
+    if config.api_key_env:
+        os.environ.pop(config.api_key_env, None)
+    return key_hash

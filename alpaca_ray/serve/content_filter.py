@@ -35,12 +35,20 @@ class ContentFilter(Protocol):
 
     def check(self, text: str) -> FilterResult: ...
 
+    def held_back(self, text: str) -> int:
+        """How many of the last characters of ``text`` (a streamed answer so far) must wait, because the
+        text that follows may turn them into a flagged piece."""
+        ...
+
 
 class NoFilter:
     cheap = True
 
     def check(self, text: str) -> FilterResult:
         return FilterResult(False)
+
+    def held_back(self, text: str) -> int:
+        return 0
 
 
 def read_terms(path: str) -> list[str]:
@@ -58,12 +66,24 @@ class TermFilter:
     cheap = True
 
     def __init__(self, patterns: Sequence[str]):
-        self.patterns = []
+        import regex  # partial matches: what the end of a streamed text may still become
+
+        self.patterns, self.partial = [], []
         for number, pattern in enumerate(patterns, 1):
             try:
                 self.patterns.append(re.compile(pattern, re.IGNORECASE))
-            except re.error as err:
+                self.partial.append(regex.compile(pattern, regex.IGNORECASE | regex.VERSION0))
+            except (re.error, regex.error) as err:
                 raise UserError(f"content filter pattern {number} ({pattern!r}) is not a valid regex: {err}") from None
+
+    def held_back(self, text: str) -> int:
+        """From the earliest place where the end of ``text`` is the start of a match, to the end."""
+        start = len(text)
+        for pattern in self.partial:
+            for match in pattern.finditer(text, partial=True):
+                if match.partial:
+                    start = min(start, match.start())
+        return len(text) - start
 
     def check(self, text: str) -> FilterResult:
         # name the rule by number only: echoing a pattern would publish the blocklist
@@ -75,13 +95,29 @@ class OpenAIModerationFilter:
     """Asks an OpenAI-compatible ``/moderations`` endpoint; fails closed (flags) when it cannot answer."""
 
     cheap = False
+    hold_back_chars = 0  # whole answers are checked before any of them is sent
 
-    def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", timeout_s: float = 10.0):
+    def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", timeout_s: float = 10.0,
+                 max_retries: int = 2):
         from openai import OpenAI
 
-        self.model = model
-        self.client = OpenAI(base_url=base_url, api_key=os.environ.get(api_key_env) or "none",
-                             timeout=timeout_s, max_retries=2)
+        key = os.environ.get(api_key_env)
+        if not key:  # every request would be refused: say so where the app is deployed
+            raise UserError(f"--content-filter openai needs the moderation API key in ${api_key_env} "
+                            "(--moderation-api-key-env), which is not set")
+        self.model, self.base_url = model, base_url
+        self.client = OpenAI(base_url=base_url, api_key=key, timeout=timeout_s, max_retries=max_retries)
+
+    def probe(self) -> None:
+        """Ask the endpoint once; a clear :class:`UserError` when it does not answer as a moderation API."""
+        try:
+            self.client.moderations.create(model=self.model, input="hello")
+        except Exception as err:  # noqa: BLE001 - any failure means every request would be refused
+            # the error's text is left out: a provider's 401 message quotes part of the key
+            status = getattr(err, "status_code", None)
+            raise UserError(f"--content-filter openai: the moderation endpoint {self.base_url} did not answer "
+                            f"({type(err).__name__}{f', HTTP {status}' if status else ''}); check "
+                            "--moderation-base-url and the key in --moderation-api-key-env") from None
 
     def check(self, text: str) -> FilterResult:
         try:

@@ -7,7 +7,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from alpaca_ray.prompts import format_prompt
 
@@ -24,10 +24,43 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-class _Request(BaseModel):
-    # strict: "5" is not an int and "yes" is not a bool; unknown OpenAI fields (user, logit_bias...) are ignored
+def has_lone_surrogate(value: Any) -> bool:
+    """Whether a string anywhere in ``value`` holds a lone UTF-16 surrogate (JSON's ``"\\ud800"``): not
+    text, so the tokenizer and SQLite cannot take it."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(has_lone_surrogate(k) or has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return any(has_lone_surrogate(v) for v in value)
+    return False
+
+
+class WireModel(BaseModel):
+    """A request body: strict types ("5" is not an int, "yes" not a bool) and valid Unicode text only.
+
+    Unknown fields (OpenAI's ``user``, ``logit_bias``...) are ignored.
+    """
+
     model_config = ConfigDict(strict=True, extra="ignore")
 
+    @field_validator("*", mode="after")
+    @classmethod
+    def _valid_text(cls, value: Any) -> Any:
+        if has_lone_surrogate(value):
+            raise ValueError("contains a lone UTF-16 surrogate (such as \\ud800), which is not valid Unicode text")
+        return value
+
+
+#: Seeds as OpenAI takes them (a signed 64-bit integer).
+SEED_RANGE = (-(2**63), 2**63 - 1)
+
+
+class _Request(WireModel):
     model: str
     max_tokens: int | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -35,8 +68,21 @@ class _Request(BaseModel):
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stream_options: dict | None = None
+    # not supported: accepted only to refuse them clearly (ignoring them would hand back answers without them)
+    logprobs: bool | int | None = None
+    top_logprobs: int | None = None
+    echo: bool = False
+
+    def refuse_unsupported(self) -> None:
+        """A 400 naming the first OpenAI option this server does not implement, if the request asks for one."""
+        asked = [("logprobs", self.logprobs not in (None, False)), ("top_logprobs", self.top_logprobs is not None),
+                 ("echo", self.echo)]
+        for name, given in asked:
+            if given:
+                raise APIError(400, f"{name} is not supported by this server; leave it out", param=name,
+                               code="unsupported_parameter")
 
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -55,9 +101,7 @@ class CompletionRequest(_Request):
     # /v1/completions in OpenAI's API defaults to 16 tokens; we use the deployment's default instead
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-
+class ChatMessage(WireModel):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
 
@@ -70,6 +114,26 @@ class ChatMessage(BaseModel):
 class ChatRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
+
+
+class ReportRequest(WireModel):
+    """``POST /v1/reports``: each text field is capped (``max_report_field_chars``) by the app."""
+
+    reason: str
+    response: str
+    instruction: str = ""
+    input: str = ""
+    prompt: str = ""
+    details: str = Field("", max_length=5000)
+    model: str | None = None
+
+    def texts(self) -> dict[str, str]:
+        return {"response": self.response, "instruction": self.instruction, "input": self.input,
+                "prompt": self.prompt, "details": self.details, "model": self.model or ""}
+
+
+class DetectRequest(WireModel):
+    text: str
 
 
 def chat_to_prompt(messages: list[ChatMessage]) -> str:
@@ -141,6 +205,6 @@ def validation_error(errors: list[dict]) -> APIError:
         messages.append(f"{where}: {error.get('msg', 'invalid value')}")
     code = "missing_required_parameter" if first.get("type") == "missing" else "invalid_type"
     if first.get("type", "").endswith(("greater_than", "less_than", "greater_than_equal", "less_than_equal",
-                                       "too_short", "too_long")):
+                                       "too_short", "too_long", "value_error")):
         code = "invalid_value"
     return APIError(400, "invalid request: " + "; ".join(messages), param=param, code=code)

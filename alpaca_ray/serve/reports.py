@@ -61,16 +61,34 @@ class ReportStore:
                  details))
             return int(cursor.lastrowid)
 
-    def list(self, limit: int | None = None, offset: int = 0) -> list[dict]:
-        """Reports, oldest first."""
+    def list(self, limit: int | None = None, offset: int = 0, after: int | None = None) -> list[dict]:
+        """Reports, oldest first; ``after`` (a report id) starts the page after that report."""
         with self.db.read() as db:
-            rows = db.execute("SELECT * FROM reports ORDER BY id LIMIT ? OFFSET ?",
-                              (-1 if limit is None else limit, offset)).fetchall()
+            rows = db.execute("SELECT * FROM reports WHERE id > ? ORDER BY id LIMIT ? OFFSET ?",
+                              (-1 if after is None else after, -1 if limit is None else limit, offset)).fetchall()
         return [dict(row) for row in rows]
+
+    def page(self, limit: int, offset: int = 0, after: int | None = None) -> dict:
+        """One page of ``GET /v1/reports`` in OpenAI's list shape (``has_more``, ``first_id``, ``last_id``)."""
+        rows = self.list(limit + 1, offset, after)
+        data = rows[:limit]
+        return {"object": "list", "data": data, "has_more": len(rows) > limit,
+                "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
 
     def count(self) -> int:
         with self.db.read() as db:
             return int(db.execute("SELECT COUNT(*) FROM reports").fetchone()[0])
+
+
+#: What a spreadsheet reads as the start of a formula (OWASP's list for CSV injection).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value):
+    """A CSV cell a spreadsheet shows as text: one starting like a formula gets a leading apostrophe."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
 
 
 def export_reports(db_path: str, fmt: str) -> str:
@@ -86,6 +104,6 @@ def export_reports(db_path: str, fmt: str) -> str:
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
         writer.writeheader()
-        writer.writerows(reports)
+        writer.writerows({k: spreadsheet_safe(v) for k, v in report.items()} for report in reports)
         return buffer.getvalue()
     raise ValueError(f"format must be jsonl or csv, got {fmt!r}")

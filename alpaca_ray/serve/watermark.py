@@ -90,7 +90,9 @@ def watermark_vocab_size(model_path: str) -> int:
     """The logits width the generator used: the model config's ``vocab_size`` (read without weights)."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(model_path)
+    from alpaca_ray.serve.engine import base_model_path  # a LoRA adapter directory has its base's vocabulary
+
+    config = AutoConfig.from_pretrained(base_model_path(model_path))
     vocab_size = getattr(config, "vocab_size", None) or getattr(config.get_text_config(), "vocab_size", None)
     if not vocab_size:
         raise ValueError(f"{model_path}: its config has no vocab_size")

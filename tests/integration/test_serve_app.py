@@ -260,3 +260,23 @@ def test_demo_page_answers_and_reports_in_chromium(app):
     assert row[0] == instruction and row[1] == "for an office worker"
     assert row[2] == format_prompt(instruction, "for an office worker")
     assert row[3] == answer and row[4] == "incorrect" and row[5] == app.model
+
+
+def test_api_key_is_in_no_ray_process_environment(app, client):
+    """Only the key's SHA-256 travels: no Ray process on this machine (replicas, proxy, controller, raylet,
+    GCS) has the key in its environment, read from /proc/PID/environ."""
+    import os
+    from pathlib import Path
+
+    assert client.models.list().data  # the key works
+    checked = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:  # gone meanwhile
+            continue
+        if cmdline.startswith(("ray::", "ServeReplica")) or "gcs_server" in cmdline or "raylet" in cmdline:
+            checked.append(cmdline)
+            assert KEY.encode() not in environ, cmdline[:100]
+    assert any("test-serve-app" in line and "AlpacaServer" in line for line in checked), checked[:20]

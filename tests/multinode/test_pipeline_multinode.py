@@ -44,7 +44,7 @@ def quickstart_on(cluster: MultiNodeCluster, root: Path, tiny_model_dir: Path, t
     config["train"].update(base_model=str(base), max_length=128, epochs=2, global_batch_size=4, checkpoint_every=2,
                            max_failures=3, placement_strategy="SPREAD")
     # Two replicas on two nodes; a proxy on every node where each node has its own network (else on the head).
-    config["serve"].update(host="0.0.0.0", port=free_port(), num_replicas=2, max_replicas_per_node=1,
+    config["serve"].update(host="0.0.0.0", allow_unauthenticated=True, port=free_port(), num_replicas=2, max_replicas_per_node=1,
                            proxy_location="EveryNode" if cluster.private_loopback else "HeadOnly",
                            app_name="multinode", route_prefix="/multinode", ready_timeout_s=400)
     # Model A is the served model, model B and the judge the run's teacher: both called from worker nodes.

@@ -321,7 +321,8 @@ def test_apps_that_workers_call_must_not_bind_only_loopback():
     def specs_for(host: str):
         config = PipelineConfig(output="/mnt/cluster_storage/run", generate={"teacher_model": "t", "target": 5,
                                                                               "teacher_base_url": "http://t:1/v1"},
-                                train={"base_model": "/m"}, serve={"host": host},
+                                train={"base_model": "/m"},
+                                serve={"host": host, "allow_unauthenticated": host == "0.0.0.0"},
                                 evaluate={"judge_model": "j", "model_b": "b", "model_b_base_url": "http://b:1/v1"})
         return config, [s for s in stage_specs(config)]
 
@@ -354,3 +355,33 @@ def test_the_teacher_section_is_a_replay_or_a_model_and_urls_can_name_it(tmp_pat
                                                                                 "judge_base_url": "teacher"})
     with pytest.raises(ConfigError, match="'teacher' names the run's teacher, but there is no teacher section"):
         stage_specs(no_teacher)
+
+
+def test_from_stage_train_after_a_finished_run_moves_the_old_run_aside(tmp_path):
+    """The README: "`--from-stage train` redoes training" after a finished quick start."""
+    from alpaca_ray.pipeline.config import PipelineConfig, stage_specs
+    from alpaca_ray.pipeline.runner import plan_stages, set_aside_earlier_run, submit_time_values
+
+    config = PipelineConfig(output=str(tmp_path / "run"), generate={"teacher_model": "t", "target": 5,
+                                                                      "teacher_base_url": "http://t:1/v1"},
+                            train={"base_model": "/m"}, serve={})
+    specs = stage_specs(config)
+    train = next(s for s in specs if s.name == "train")
+    snapshot = tmp_path / "run" / "train" / "ray_results" / "train" / "checkpoint_manager_snapshot.json"
+    snapshot.parent.mkdir(parents=True)
+    snapshot.write_text("{}")
+    state = {"stages": {s.name: {"status": "succeeded", "fingerprint": s.fingerprint, "job_id": "j"}
+                        for s in specs}}
+    _, to_run, why = plan_stages(specs, state, "train")
+    assert [s.name for s in to_run] == ["train", "serve"] and why["reason"] == "asked to start here"
+    extra = submit_time_values(train, specs, state, "http://x")
+    assert "resume" not in extra  # a finished run is redone, not resumed
+    said = []
+    aside = set_aside_earlier_run(train, resuming=False, say=said.append)
+    assert aside and (tmp_path / "run").joinpath(aside.rsplit("/", 1)[1], "ray_results", "train",
+                                                 "checkpoint_manager_snapshot.json").exists()
+    assert not (tmp_path / "run" / "train").exists() and "moved aside" in said[0] and aside in said[0]
+    assert set_aside_earlier_run(train, resuming=False, say=said.append) is None  # nothing left to move
+    (tmp_path / "run" / "train").mkdir()
+    (tmp_path / "run" / "train" / "x").write_text("partial")
+    assert set_aside_earlier_run(train, resuming=True, say=said.append) is None  # a resumed attempt keeps it

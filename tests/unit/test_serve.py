@@ -130,7 +130,8 @@ def test_term_filter_flags_bundled_and_extra_terms():
         TermFilter(["(unclosed"])
 
 
-def test_moderation_filter_against_a_real_http_server():
+def test_moderation_filter_against_a_real_http_server(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-moderation-test")
     with ModerationServer(flag_word="attack") as server:
         moderation = OpenAIModerationFilter(server.base_url, "omni-moderation-latest")
         flagged = moderation.check("plan an attack")
@@ -247,6 +248,64 @@ def test_deploy_notes_a_proxy_bound_otherwise_than_asked():
     assert not _proxy_differs(asked, "http://127.0.0.1:8000/")
     assert _proxy_differs(asked, "http://127.0.0.1:8123/")  # Serve already ran on another port
     assert _proxy_differs(asked, "http://10.0.0.5:8000/")  # ...or bound every interface
-    everywhere = ServeConfig(model="m", host="0.0.0.0", port=8000)
+    everywhere = ServeConfig(model="m", host="0.0.0.0", port=8000, api_key_env="K")
     assert not _proxy_differs(everywhere, "http://10.0.0.5:8000/")  # a wildcard bind, shown as a node's IP
     assert _proxy_differs(everywhere, "http://127.0.0.1:8000/")  # asked for every interface, got loopback
+
+
+def test_moderation_without_a_key_or_endpoint_fails_at_deploy(monkeypatch, tiny_model_dir):
+    from alpaca_ray.serve.app import check_moderation
+
+    monkeypatch.delenv("ALPACA_RAY_NO_MODERATION_KEY", raising=False)
+    config = ServeConfig(model=str(tiny_model_dir), content_filter="openai",
+                         moderation_api_key_env="ALPACA_RAY_NO_MODERATION_KEY")
+    with pytest.raises(UserError, match="ALPACA_RAY_NO_MODERATION_KEY.*not set"):
+        check_moderation(config)
+    monkeypatch.setenv("ALPACA_RAY_NO_MODERATION_KEY", "sk-secret-moderation")
+    with ModerationServer(flag_word="attack") as server:
+        check_moderation(ServeConfig(**{**config.__dict__, "moderation_base_url": server.base_url}))  # answers
+        server.failing = True
+        with pytest.raises(UserError, match="did not answer") as err:
+            check_moderation(ServeConfig(**{**config.__dict__, "moderation_base_url": server.base_url}))
+    assert "sk-secret-moderation" not in str(err.value)
+
+
+def test_a_public_host_needs_a_key_or_an_explicit_opt_out():
+    with pytest.raises(ConfigError, match="no API key protects the API"):
+        ServeConfig(model="m", host="0.0.0.0")
+    assert ServeConfig(model="m", host="0.0.0.0", api_key_env="K").host == "0.0.0.0"
+    assert ServeConfig(model="m", host="0.0.0.0", allow_unauthenticated=True).allow_unauthenticated
+    assert ServeConfig(model="m", host="127.0.0.2").host == "127.0.0.2"
+
+
+def test_serve_cli_takes_the_key_out_of_the_environment_before_ray_starts(monkeypatch, tiny_model_dir):
+    """A cluster the CLI starts inherits its environment: the key must be gone by then, only its hash kept."""
+    from alpaca_ray.serve import cli
+    from alpaca_ray.serve.config import hash_key
+
+    seen = {}
+
+    def fake_ensure_ray(*args, **kwargs):  # stands in for starting Ray: record what it would inherit, stop
+        seen["env"] = dict(__import__("os").environ)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setenv("ALPACA_RAY_CLI_KEY", "sk-never-in-ray")
+    monkeypatch.setattr(cli, "ensure_ray", fake_ensure_ray)
+    config = ServeConfig(model=str(tiny_model_dir), api_key_env="ALPACA_RAY_CLI_KEY")
+    with pytest.raises(RuntimeError, match="stop here"):
+        cli.serve_model(config)
+    assert "ALPACA_RAY_CLI_KEY" not in seen["env"]
+    assert "sk-never-in-ray" not in "".join(seen["env"].values())
+    assert hash_key("sk-never-in-ray") != "sk-never-in-ray"
+
+
+def test_report_listing_pages_and_csv_cells_are_spreadsheet_safe(tmp_path):
+    from alpaca_ray.serve.reports import spreadsheet_safe
+
+    store = ReportStore(str(tmp_path / "r.db"))
+    ids = [store.add(model="m", response=f"r{i}", reason="other") for i in range(5)]
+    page = store.page(2)
+    assert [r["id"] for r in page["data"]] == ids[:2] and page["has_more"]
+    assert [r["id"] for r in store.page(10, after=page["last_id"])["data"]] == ids[2:]
+    assert [spreadsheet_safe(v) for v in ("=1", "+1", "-1", "@A", "\tx", "ok", 3)] == \
+        ["'=1", "'+1", "'-1", "'@A", "'\tx", "ok", 3]

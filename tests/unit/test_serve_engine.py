@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import time
 
 import pytest
 import torch
@@ -121,3 +122,73 @@ def test_watermark_cli_gives_z_and_verdict(engines, detector, tiny_model_dir, tm
     assert not WatermarkDetector(detector.tokenizer, detector.vocab_size, key=12345).detect(text).watermarked
     missing = run_cli(["watermark", "detect", str(tmp_path / "none.txt"), "--model", str(tiny_model_dir)])
     assert missing.returncode == 2 and "cannot read" in missing.stderr
+
+
+def test_fair_scheduler_gives_every_request_a_share_and_preempts_the_newest_rows():
+    from alpaca_ray.serve.engine import FairScheduler, _Sequence
+
+    def sequences(group: str, count: int) -> list[_Sequence]:
+        return [_Sequence([1, 2], SamplingParams(), lambda delta: None, group) for _ in range(count)]
+
+    scheduler = FairScheduler(max_rows=16)
+    big, small = sequences("big", 40), sequences("small", 1)
+    for sequence in big + small:
+        scheduler.add(sequence)
+    admit, preempt = scheduler.plan([])
+    assert [s.group for s in admit].count("big") == 15 and small[0] in admit and not preempt
+    running = big[:16]  # the big request holds the whole batch when a small one arrives
+    for age, sequence in enumerate(running):
+        sequence.tokens = [0] * (20 - age)
+    scheduler = FairScheduler(max_rows=16)
+    for sequence in big[16:] + small:
+        scheduler.add(sequence)
+    admit, preempt = scheduler.plan(running)
+    assert admit == small and preempt == [running[-1]]  # the row with the fewest tokens gives way
+    small[0].cancelled = True  # a cancelled waiting sequence is never admitted
+    scheduler.add(small[0])
+    assert scheduler.plan(big[:16])[0] == []
+
+
+def test_a_small_request_is_not_held_up_by_a_big_one_and_preemption_changes_no_answer(engines):
+    """A request of 20 greedy answers x 48 tokens holds the 16-row batch; a 4-token request sent while it
+    runs takes a row at once (one big row is preempted and later resumes exactly where it was)."""
+    plain, _ = engines
+    prompts = [f"Question {i}: name a color." for i in range(20)]
+    alone = [asyncio.run(_answer(plain, p, max_tokens=48, temperature=0.0))[0] for p in prompts[:3]]
+
+    async def scenario():
+        finished_big: list[int] = []
+
+        async def big_one(i: int) -> str:
+            pieces = []
+            async for delta in plain.generate(prompts[i], SamplingParams(max_tokens=48, temperature=0.0), "big"):
+                pieces.append(delta.text)
+            finished_big.append(i)
+            return "".join(pieces)
+
+        big = [asyncio.create_task(big_one(i)) for i in range(20)]
+        deadline = time.monotonic() + 60
+        while plain.stats()["running"] < 16 and time.monotonic() < deadline:  # the big request fills the batch
+            await asyncio.sleep(0.005)
+        preemptions = plain.stats()["preemptions"]
+        small = await _answer(plain, "Hi", max_tokens=4, temperature=0.0)
+        done_when_small_finished = len(finished_big)
+        assert plain.stats()["preemptions"] > preemptions
+        return await asyncio.gather(*big), small, done_when_small_finished
+
+    big_texts, small, done_when_small_finished = asyncio.run(scenario())
+    assert small[2] == 4 or small[1] == "stop"
+    assert done_when_small_finished == 0  # it did not wait for the big request's rows to end
+    assert big_texts[:3] == alone  # preempted and resumed rows give the same greedy answers
+
+
+def test_an_unstreamed_answer_arrives_whole_in_one_delta(engines):
+    plain, _ = engines
+    streamed = asyncio.run(_answer(plain, "Hello", max_tokens=20, seed=5))
+
+    async def whole():
+        return [d async for d in plain.generate("Hello", SamplingParams(max_tokens=20, seed=5), stream=False)]
+
+    deltas = asyncio.run(whole())
+    assert len(deltas) == 1 and deltas[0].text == streamed[0] and deltas[0].finish_reason == streamed[1]
+    assert deltas[0].completion_tokens == streamed[2]
