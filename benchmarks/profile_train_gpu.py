@@ -29,27 +29,17 @@ def main() -> None:
 
     import torch
     import torch.distributed as dist
-    from transformers import LlamaConfig
 
     from alpaca_ray.train.config import TrainConfig
-    from alpaca_ray.train.data import Example, collate, pack_examples
+    from alpaca_ray.train.data import collate, pack_examples
     from alpaca_ray.train.loop import make_optimizer, prepare_model, token_loss_sum
     from alpaca_ray.train.model import choose_attention, trainable_parameters
-    from benchmarks.train import save_random_llama
+    from benchmarks.train import alpaca_like_examples, gpu_llama_config, gpu_world_of_one, save_random_llama
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29518")
-    dist.init_process_group("nccl", rank=0, world_size=1)
-    torch.cuda.set_device(0)
-    device = torch.device("cuda", 0)
-    config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                         num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)
-    model_dir = save_random_llama(config, os.path.join(tempfile.mkdtemp(), "base"))
+    device = gpu_world_of_one("29518")
+    model_dir = save_random_llama(gpu_llama_config(), os.path.join(tempfile.mkdtemp(), "base"))
     attn = choose_attention("auto", use_gpu=True)
-    rng = random.Random(0)
-    lengths = {i: max(24, min(512, int(rng.lognormvariate(5.2, 0.6)))) for i in range(2_000)}
-    examples = {i: Example(i, tuple(rng.randrange(3, 32000) for _ in range(n)), min(n - 1, 60))
-                for i, n in lengths.items()}
+    lengths, examples = alpaca_like_examples(2_000, random.Random(0))
     units = pack_examples(list(lengths), lengths, 512)
     cfg = TrainConfig(base_model=model_dir, data="-", output="-", use_gpu=True, num_workers=1,
                       global_batch_size=4, micro_batch_size=4)

@@ -157,27 +157,52 @@ def cpu_benchmark(args) -> None:
               f"{r['real_token_share']:.1%} | {r['time_s']:.1f} |")
 
 
+def gpu_world_of_one(port: str):
+    """A world-size-1 NCCL group on GPU 0 (the stage's FSDP2 code needs a process group); its device."""
+    import torch
+    import torch.distributed as dist
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", port)
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    torch.cuda.set_device(0)
+    return torch.device("cuda", 0)
+
+
+def gpu_llama_config():
+    """The GPU benchmarks' ~1.1B Llama (TinyLlama's shape: 22 layers, hidden 2048, GQA 32/4, vocab 32000)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                       num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)
+
+
+def alpaca_like_examples(count: int, rng: random.Random) -> tuple[dict, dict]:
+    """``count`` random-token examples with Alpaca-like lengths (prompt + response tokens: log-normal,
+    median ~180, capped at 512); (lengths, examples) by id."""
+    from alpaca_ray.train.data import Example
+
+    lengths = {i: max(24, min(512, int(rng.lognormvariate(5.2, 0.6)))) for i in range(count)}
+    examples = {i: Example(i, tuple(rng.randrange(3, 32000) for _ in range(n)), min(n - 1, 60))
+                for i, n in lengths.items()}
+    return lengths, examples
+
+
 def gpu_benchmark(args) -> None:
     """One GPU, the stage's FSDP2 wrapping and step, a ~1.1B Llama from a config, seq 512."""
     import torch
     import torch.distributed as dist
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    from alpaca_ray.train.data import Example, collate, pack_examples
+    from alpaca_ray.train.data import collate, pack_examples
     from alpaca_ray.train.loop import token_loss_sum
     from alpaca_ray.train.model import choose_attention, shard_model
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29517")
-    dist.init_process_group("nccl", rank=0, world_size=1)
-    torch.cuda.set_device(0)
-    config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                         num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)
+    gpu_world_of_one("29517")
+    config = gpu_llama_config()
     attn = choose_attention("auto", use_gpu=True)
     rng = random.Random(0)
-    # Alpaca-like lengths (prompt + response tokens): log-normal, median ~180, capped at 512.
-    lengths = {i: max(24, min(512, int(rng.lognormvariate(5.2, 0.6)))) for i in range(5_000)}
-    examples = {i: Example(i, tuple(rng.randrange(3, 32000) for _ in range(n)), min(n - 1, 60)) for i, n in lengths.items()}
+    lengths, examples = alpaca_like_examples(5_000, rng)
     print(f"GPU: {torch.cuda.get_device_name(0)}; attention {attn}; peak {args.peak_tflops} TFLOP/s")
     print("| mode | params | micro batch | real tokens/s per GPU | real-token share | MFU (real) | MFU (computed) |")
     print("|---|---:|---:|---:|---:|---:|---:|")
@@ -300,27 +325,17 @@ def gpu_adapter_benchmark(args) -> None:
 
     import torch
     import torch.distributed as dist
-    from transformers import LlamaConfig
 
     from alpaca_ray.train.config import TrainConfig
-    from alpaca_ray.train.data import Example, collate, pack_examples
+    from alpaca_ray.train.data import collate, pack_examples
     from alpaca_ray.train.loop import make_optimizer, prepare_model, train_step
     from alpaca_ray.train.model import choose_attention, trainable_parameters
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29517")
-    dist.init_process_group("nccl", rank=0, world_size=1)
-    torch.cuda.set_device(0)
-    device = torch.device("cuda", 0)
-    config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                         num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)
+    device = gpu_world_of_one("29517")
     work = tempfile.mkdtemp(prefix="alpaca-ray-bench-gpu-")
-    model_dir = save_random_llama(config, os.path.join(work, "base"))
+    model_dir = save_random_llama(gpu_llama_config(), os.path.join(work, "base"))
     attn = choose_attention("auto", use_gpu=True)
-    rng = random.Random(0)
-    lengths = {i: max(24, min(512, int(rng.lognormvariate(5.2, 0.6)))) for i in range(2_000)}
-    examples = {i: Example(i, tuple(rng.randrange(3, 32000) for _ in range(n)), min(n - 1, 60))
-                for i, n in lengths.items()}
+    lengths, examples = alpaca_like_examples(2_000, random.Random(0))
     units = pack_examples(list(lengths), lengths, 512)
     batches = [units[k:k + args.micro] for k in range(0, len(units), args.micro)]
     flatten = attn.startswith("flash")
