@@ -335,6 +335,27 @@ def upload_dir(local_dir: str | os.PathLike, uri: str | os.PathLike) -> None:
                   destination_filesystem=filesystem)
 
 
+@contextmanager
+def written_dir(out_dir: str | os.PathLike, prefix: str = "alpaca-ray-") -> Iterator[str]:
+    """A local directory to write ``out_dir``'s files into: ``out_dir`` itself on a filesystem; for an object
+    store, a temp dir that replaces ``out_dir`` (files of an earlier write removed) once the block ends
+    without error, and is deleted either way."""
+    out_dir = str(out_dir)
+    if is_posix(out_dir):
+        os.makedirs(local_path(out_dir), exist_ok=True)
+        yield local_path(out_dir)
+        return
+    import tempfile
+
+    local = tempfile.mkdtemp(prefix=prefix)
+    try:
+        yield local
+        remove(out_dir)
+        upload_dir(local, out_dir)
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+
 def download_dir(uri: str | os.PathLike, local_dir: str | os.PathLike) -> None:
     """Copy the tree under ``uri`` (a URI or a path) into the local directory ``local_dir``."""
     uri, local_dir = str(uri), str(local_dir)

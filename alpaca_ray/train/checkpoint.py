@@ -111,25 +111,18 @@ def export_final(model, tokenizer, out_dir: str, base_dtype, metadata: dict, ran
              for name, tensor in state.items()}
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
-    # An object store gets the model written to a local temp dir first, then uploaded as one tree.
-    local = out_dir if storage.is_posix(out_dir) else tempfile.mkdtemp(prefix="alpaca-ray-final-")
-    os.makedirs(local, exist_ok=True)
-    config = model.config
-    config.dtype = base_dtype
-    config.save_pretrained(local)
-    if model.generation_config is not None:
-        model.generation_config.save_pretrained(local)
-    tokenizer.save_pretrained(local)
-    save_torch_state_dict(state, local, max_shard_size="5GB")
-    with open(os.path.join(local, "alpaca_ray.json"), "w") as handle:
-        json.dump(metadata, handle, indent=2)
-    if local != out_dir:
-        try:
-            # Files of an earlier export (say, more weight shards) would otherwise stay next to this one.
-            storage.remove(out_dir)
-            storage.upload_dir(local, out_dir)
-        finally:
-            shutil.rmtree(local, ignore_errors=True)
+    # An object store gets the model written to a local temp dir first, then uploaded as one tree (files of
+    # an earlier export, say more weight shards, removed).
+    with storage.written_dir(out_dir, prefix="alpaca-ray-final-") as local:
+        config = model.config
+        config.dtype = base_dtype
+        config.save_pretrained(local)
+        if model.generation_config is not None:
+            model.generation_config.save_pretrained(local)
+        tokenizer.save_pretrained(local)
+        save_torch_state_dict(state, local, max_shard_size="5GB")
+        with open(os.path.join(local, "alpaca_ray.json"), "w") as handle:
+            json.dump(metadata, handle, indent=2)
 
 
 #: What a PEFT adapter directory holds (``PeftModel.save_pretrained``'s file names).
@@ -162,29 +155,16 @@ def export_adapter(model, tokenizer, out_dir: str, metadata: dict, rank: int, ba
     peft_config = model.peft_config["default"]
     peft_config.base_model_name_or_path = base_model
     peft_config.inference_mode = True
-    local_dirs = {}
-    try:
-        for name, target in (("adapter", out_dir), ("merged", merged_dir)):
-            if target is not None:
-                local_dirs[name] = target if storage.is_posix(target) else tempfile.mkdtemp(prefix=f"alpaca-ray-{name}-")
-                os.makedirs(local_dirs[name], exist_ok=True)
-        local = local_dirs["adapter"]
+    with storage.written_dir(out_dir, prefix="alpaca-ray-adapter-") as local:
         peft_config.save_pretrained(local)
         save_file(adapters, os.path.join(local, ADAPTER_WEIGHTS), metadata={"format": "pt"})
         tokenizer.save_pretrained(local)
         with open(os.path.join(local, "alpaca_ray.json"), "w") as handle:
             json.dump({**metadata, "adapter": True}, handle, indent=2)
         if merged_dir is not None:
-            merge_adapter(local, base_model, local_dirs["merged"], base_dtype, tokenizer,
-                          {**metadata, "adapter": False, "merged_from_adapter": True})
-        for name, target in (("adapter", out_dir), ("merged", merged_dir)):
-            if target is not None and local_dirs[name] != target:
-                storage.remove(target)
-                storage.upload_dir(local_dirs[name], target)
-    finally:
-        for name, target in (("adapter", out_dir), ("merged", merged_dir)):
-            if name in local_dirs and local_dirs[name] != target:
-                shutil.rmtree(local_dirs[name], ignore_errors=True)
+            with storage.written_dir(merged_dir, prefix="alpaca-ray-merged-") as merged_local:
+                merge_adapter(local, base_model, merged_local, base_dtype, tokenizer,
+                              {**metadata, "adapter": False, "merged_from_adapter": True})
 
 
 def merge_adapter(adapter_dir: str, base_model: str, out_dir: str, base_dtype, tokenizer, metadata: dict) -> None:
