@@ -104,8 +104,10 @@ def check_judge_logprobs(config: EvaluateConfig, endpoint: EndpointConfig, api_k
             "models, vLLM, llama.cpp's server do), or use --judge-mode verdict. Nothing was paid for beyond this probe.")
 
 
-def check_endpoints(endpoints: dict[str, EndpointConfig], api_keys: dict[str, Secret | None]) -> None:
-    """Fail fast, naming the endpoint, on an unreachable server, a wrong key or an unknown model."""
+def check_endpoints(endpoints: dict[str, EndpointConfig], api_keys: dict[str, Secret | None],
+                    config: EvaluateConfig | None = None) -> None:
+    """Fail fast, naming the endpoint, on an unreachable server, a wrong key or an unknown model; with
+    ``config``, a judge among them is also probed for what its ``--judge-mode`` needs."""
     for name, endpoint in endpoints.items():
         quick = dataclasses.replace(endpoint, timeout_s=min(endpoint.timeout_s, 15.0))  # fail fast, not in 2 min
         client = LLMClient(quick, api_key=api_keys.get(name))
@@ -113,6 +115,8 @@ def check_endpoints(endpoints: dict[str, EndpointConfig], api_keys: dict[str, Se
             client.check_sync()
         except LLMError as err:
             raise UserError(f"{SIDES[name]} ({endpoint.model} at {endpoint.base_url}): {err}") from None
+    if config is not None and "judge" in endpoints:
+        check_judge_logprobs(config, endpoints["judge"], api_keys.get("judge"))
 
 
 class _RequestWorker:
@@ -228,9 +232,7 @@ def collect_answers(config: EvaluateConfig, items: list[EvalItem], check_judge: 
     if todo and check_judge:
         to_check["judge"] = endpoint_for(config, "judge")
         api_keys["judge"] = api_key_for(to_check["judge"], "judge")
-    check_endpoints(to_check, api_keys)
-    if "judge" in to_check:
-        check_judge_logprobs(config, to_check["judge"], api_keys["judge"])
+    check_endpoints(to_check, api_keys, config)
     _raise_failures(execute_requests(todo, endpoints, api_keys, config), "answer")
     for side, side_requests in requests.items():
         saved = collect.read_journals(config.output, collect.ANSWER_JOURNALS[side])
@@ -251,8 +253,7 @@ def judge_pairs(config: EvaluateConfig, items: list[EvalItem], answers: dict[str
         f"for {len(todo)}")
     if todo:
         api_keys = {"judge": api_key_for(endpoint, "judge")}
-        check_endpoints({"judge": endpoint}, api_keys)
-        check_judge_logprobs(config, endpoint, api_keys["judge"])
+        check_endpoints({"judge": endpoint}, api_keys, config)
         _raise_failures(execute_requests(todo, {"judge": endpoint}, api_keys, config), "judge")
         saved = collect.read_journals(config.output, collect.JUDGE_JOURNAL)
     return {item.id: (saved[requests[(item.id, "ab")].key], saved[requests[(item.id, "ba")].key]) for item in items}
