@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "watermark": ("alpaca_ray.serve.cli:watermark_main", "detect the output watermark in a text file"),
     "evaluate": ("alpaca_ray.evaluate.cli:main", "blind pairwise comparison of two models"),
     "teacher": ("alpaca_ray.teacher.cli:main", "an offline teacher replaying recorded responses over the OpenAI API"),
-    "init-model": ("alpaca_ray.tiny:main", "make a tiny Llama-architecture base model locally (no download)"),
+    "init-model": ("alpaca_ray.tiny:main", "make a base model: a tiny Llama locally, or one from a GGUF file"),
     "pipeline": ("alpaca_ray.pipeline.cli:main", "run every stage as Ray jobs from one config file"),
 }
 

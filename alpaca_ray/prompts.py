@@ -20,6 +20,16 @@ PROMPT_NO_INPUT = (
 
 #: The template name stored with a trained checkpoint, so serving uses what training used.
 TEMPLATE_NAME = "alpaca"
+#: How a model is prompted: Alpaca's templates above, or the tokenizer's own chat template
+#: (``tokenizer.apply_chat_template``). A checkpoint records which one it was trained in
+#: (``final/alpaca_ray.json``'s ``prompt_template``), and serve renders prompts the same way.
+PROMPT_FORMATS = ("alpaca", "chat")
+
+
+def default_prompt_format(tokenizer) -> str:
+    """What a user expects when nothing says otherwise: the model's own chat template when its tokenizer
+    has one (an instruct or chat model), else Alpaca's template (a base model such as LLaMA)."""
+    return "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"
 
 
 def format_prompt(instruction: str, input: str = "") -> str:  # noqa: A002 - Alpaca's field name
@@ -32,3 +42,14 @@ def format_prompt(instruction: str, input: str = "") -> str:  # noqa: A002 - Alp
 def format_example(instruction: str, input: str, output: str, eos_token: str = "") -> tuple[str, str]:  # noqa: A002
     """Return (prompt, target) for training: the loss is taken on ``target`` only."""
     return format_prompt(instruction, input), f"{output}{eos_token}"
+
+
+def alpaca_user_message(instruction: str, input: str = "") -> str:  # noqa: A002 - Alpaca's field name
+    """An Alpaca instruction (and input) as one user turn of a chat: the input after a blank line."""
+    return f"{instruction}\n\n{input}" if input and input.strip() else instruction
+
+
+def alpaca_to_messages(instruction: str, input: str, output: str) -> list[dict]:  # noqa: A002
+    """An Alpaca record as a two-turn conversation, to train it in a model's chat template."""
+    return [{"role": "user", "content": alpaca_user_message(instruction, input)},
+            {"role": "assistant", "content": output}]

@@ -1,6 +1,8 @@
-"""The Alpaca record schema (``instruction``, ``input``, ``output``) and its file formats.
+"""The record schemas: Alpaca's (``instruction``, ``input``, ``output``) and conversations, and their files.
 
 Reads and writes Alpaca JSON (a list of objects, like ``alpaca_data.json``), JSON Lines and Parquet.
+Training data may also hold conversations: OpenAI-style ``messages`` (``role``/``content``) or ShareGPT's
+``conversations`` (``from``/``value``), read into :class:`ChatRecord`.
 Every error names the file, the line (or row) and the field, so a user can fix a 52K-line file.
 """
 
@@ -64,6 +66,75 @@ def record_from_dict(
         raise RecordError(path, "is empty", line, "instruction")
     extra = {k: v for k, v in row.items() if k not in FIELDS}
     return AlpacaRecord(extra=extra, **values)
+
+
+#: Roles of a conversation as chat templates take them; ``developer`` is OpenAI's newer name for ``system``.
+CHAT_ROLES = ("system", "user", "assistant")
+#: ShareGPT's speaker names (``from``) mapped to chat roles.
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                  "assistant": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
+
+
+@dataclass(frozen=True)
+class ChatRecord:
+    """One conversation: ``messages`` of ``{"role": system|user|assistant, "content": str}``, in order.
+
+    Training takes the loss on every assistant turn (see :func:`alpaca_ray.train.data.tokenize_chat`).
+    """
+
+    messages: tuple[dict, ...]
+    extra: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    def to_dict(self, with_extra: bool = True) -> dict:
+        row = {"messages": [dict(m) for m in self.messages]}
+        if with_extra:
+            row.update({k: v for k, v in self.extra.items() if k not in row})
+        return row
+
+
+def _message_text(content: object, path: str, line: int | None, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # OpenAI content parts: the text ones
+        if all(isinstance(p, dict) for p in content):
+            return "".join(str(p.get("text", "")) for p in content if p.get("type") == "text")
+    raise RecordError(path, f"must be a string, got {type(content).__name__}", line, where)
+
+
+def chat_record_from_dict(row: dict, path: str = "<data>", line: int | None = None) -> ChatRecord:
+    """Validate a ``messages`` or ``conversations`` row and make a record; errors name the message."""
+    key = "messages" if "messages" in row else "conversations"
+    turns = row.get(key)
+    if not isinstance(turns, list) or not turns:
+        raise RecordError(path, "must be a non-empty list of messages", line, key)
+    role_key, text_key = ("role", "content") if key == "messages" else ("from", "value")
+    messages = []
+    for index, turn in enumerate(turns):
+        where = f"{key}[{index}]"
+        if not isinstance(turn, dict):
+            raise RecordError(path, f"expected an object, got {type(turn).__name__}", line, where)
+        speaker = turn.get(role_key)
+        role = ({"developer": "system"}.get(speaker, speaker) if key == "messages"
+                else SHAREGPT_ROLES.get(str(speaker).lower()))
+        if role not in CHAT_ROLES:
+            allowed = CHAT_ROLES + ("developer",) if key == "messages" else tuple(SHAREGPT_ROLES)
+            raise RecordError(path, f"unknown {role_key} {speaker!r}: use one of {', '.join(allowed)}", line,
+                              f"{where}.{role_key}")
+        messages.append({"role": role, "content": _message_text(turn.get(text_key), path, line,
+                                                                f"{where}.{text_key}")})
+    first_turn = next((m["role"] for m in messages if m["role"] != "system"), None)
+    if first_turn != "user":
+        raise RecordError(path, "the first message after any system message must be from the user", line, key)
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        raise RecordError(path, "has no assistant message with content: nothing to learn from", line, key)
+    return ChatRecord(tuple(messages), extra={k: v for k, v in row.items() if k != key})
+
+
+def training_record_from_dict(row: object, path: str = "<data>", line: int | None = None) -> AlpacaRecord | ChatRecord:
+    """A conversation (``messages`` / ``conversations``) or else an Alpaca record."""
+    if isinstance(row, dict) and ("messages" in row or "conversations" in row):
+        return chat_record_from_dict(row, path, line)
+    return record_from_dict(row, path, line)
 
 
 def detect_format(path: str | os.PathLike) -> str:
@@ -182,18 +253,22 @@ def write_records(records: Sequence[AlpacaRecord | dict], path: str | os.PathLik
         os.replace(target, path)
 
 
-def load_records(source: str, split: str = "train") -> list[AlpacaRecord]:
-    """Records from a file path or URI, or else from a Hugging Face ``datasets`` name (e.g. ``tatsu-lab/alpaca``)."""
+def load_records(source: str, split: str = "train", parse=record_from_dict) -> list:
+    """Records from a file path or URI, or else from a Hugging Face ``datasets`` name (e.g. ``tatsu-lab/alpaca``).
+
+    ``parse(row, path, line)`` makes each record (Alpaca records by default; conversations too with
+    :func:`training_record_from_dict`).
+    """
     try:
         fmt = detect_format(source)
     except RecordError:
         fmt = None
     if fmt is not None or storage.exists(source):
-        return read_records(source, fmt)
+        return [parse(row, str(source), line) for line, row in iter_rows(source, fmt)]
     import datasets
 
     try:
         dataset = datasets.load_dataset(source, split=split)
     except Exception as err:  # the hub raises many types; say which source failed
         raise RecordError(source, f"not a file and not a loadable dataset: {err}") from None
-    return [record_from_dict(row, source, index + 1) for index, row in enumerate(dataset)]
+    return [parse(row, source, index + 1) for index, row in enumerate(dataset)]

@@ -8,6 +8,7 @@ LLaMA's, so the train stage's "add a pad token" path is exercised. It shows the 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 from collections.abc import Iterable
@@ -92,15 +93,38 @@ def make_tiny_model(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="alpaca-ray init-model", description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", required=True, help="make the tiny Llama model (the only kind)")
+    from alpaca_ray.config import run_cli
+    from alpaca_ray.gguf_model import DTYPES
+
+    parser = argparse.ArgumentParser(prog="alpaca-ray init-model", description="Make a base model directory: "
+                                     "the tiny random Llama model, or one converted from a GGUF file.")
+    kind = parser.add_mutually_exclusive_group(required=True)
+    kind.add_argument("--tiny", action="store_true", help="make the tiny random Llama model")
+    kind.add_argument("--from-gguf", metavar="FILE", help="convert a GGUF file (llama.cpp's format) to a "
+                      "Hugging Face model directory: safetensors weights, config, tokenizer, generation config")
     parser.add_argument("--output", required=True, help="directory to write the model and tokenizer to")
-    parser.add_argument("--vocab-size", type=int, default=512)
-    parser.add_argument("--hidden-size", type=int, default=64)
-    parser.add_argument("--num-layers", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=DTYPES, help=f"--from-gguf: dtype of the saved weights (default {DTYPES[0]})")
+    tiny = parser.add_argument_group("--tiny options")
+    defaults = {name: param.default for name, param in inspect.signature(make_tiny_model).parameters.items()}
+    for name in ("vocab_size", "hidden_size", "num_layers", "seed"):
+        tiny.add_argument(f"--{name.replace('_', '-')}", type=int, help=f"default {defaults[name]}")
     args = parser.parse_args(argv)
-    path = make_tiny_model(args.output, vocab_size=args.vocab_size, hidden_size=args.hidden_size,
-                           num_layers=args.num_layers, seed=args.seed)
-    print(f"wrote a tiny Llama model to {path}")
-    return 0
+    tiny_options = {name: getattr(args, name) for name in ("vocab_size", "hidden_size", "num_layers", "seed")
+                    if getattr(args, name) is not None}
+    if args.from_gguf and tiny_options:
+        flag = "--" + next(iter(tiny_options)).replace("_", "-")
+        parser.error(f"{flag} is a --tiny option; a GGUF file sets its own sizes")
+    if args.tiny and args.dtype:
+        parser.error("--dtype is a --from-gguf option")
+
+    def body() -> int:
+        if args.from_gguf:
+            from alpaca_ray.gguf_model import convert_gguf
+
+            print(convert_gguf(args.from_gguf, args.output, dtype=args.dtype or DTYPES[0]).summary())
+            return 0
+        path = make_tiny_model(args.output, **tiny_options)
+        print(f"wrote a tiny Llama model to {path}")
+        return 0
+
+    return run_cli(body)

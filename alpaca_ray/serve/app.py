@@ -35,6 +35,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from alpaca_ray.chat import ChatFormatError, demo_user_message, render_prompt, resolve_prompt_format
 from alpaca_ray.cluster.ray_cluster import ensure_ray
 from alpaca_ray.cluster.services import serve_app_url
 from alpaca_ray.config import UserError, config_from_dict, config_to_dict
@@ -43,6 +44,7 @@ from alpaca_ray.serve.config import ServeConfig, api_key_hash, hash_key, resolve
 from alpaca_ray.serve.content_filter import REFUSAL, make_filter
 from alpaca_ray.serve.engine import (
     Delta,
+    Prompt,
     SamplingParams,
     TransformersEngine,
     VLLMEngine,
@@ -57,7 +59,6 @@ from alpaca_ray.serve.openai_api import (
     DetectRequest,
     ReportRequest,
     chat_body,
-    chat_to_prompt,
     completion_body,
     new_id,
     sse,
@@ -175,6 +176,9 @@ class AlpacaService:
                                              max_batch_size=self.config.max_batch_size,
                                              batch_wait_timeout_s=self.config.batch_wait_timeout_s,
                                              logits_processors=processors, metrics=self.metrics)
+        # how /v1/chat/completions prompts this model (alpaca_ray.chat); "chat" without a template fails here
+        self.prompt_format = resolve_prompt_format(model_path, self.engine.tokenizer, self.config.prompt_format)
+        logger.info("serving %s with the %s prompt format", self.model_id, self.prompt_format)
         self.detector = WatermarkDetector(self.engine.tokenizer, vocab_size, self.config.watermark_gamma,
                                           self.config.watermark_key, self.config.watermark_z_threshold)
         self.filter = make_filter(self.config.content_filter, self.config.filter_terms,
@@ -236,7 +240,7 @@ class AlpacaService:
             return self.filter.check(text)
         return await asyncio.to_thread(self.filter.check, text)
 
-    async def _generate_text(self, prompt: str, params: SamplingParams, group: object) -> tuple[str, str, int]:
+    async def _generate_text(self, prompt: Prompt, params: SamplingParams, group: object) -> tuple[str, str, int]:
         """A whole answer (non-streaming): (text, finish_reason, completion_tokens)."""
         text, finish, tokens = [], "stop", 0
         async for delta in self.engine.generate(prompt, params, group, stream=False):
@@ -251,11 +255,13 @@ class AlpacaService:
             return self._refusal(verdict.reason, "response"), "content_filter", tokens
         return answer, finish, tokens
 
-    async def _run(self, kind: str, prompts: list[str], body, params: SamplingParams, prompt_tokens: int,
-                   started: float):
+    async def _run(self, kind: str, prompts: list[Prompt], body, params: SamplingParams, prompt_tokens: int,
+                   started: float, texts: list[str] | None = None):
+        """Answer ``prompts`` (text or token ids) ``n`` times each; ``texts``: the prompts as text, for the
+        content filter (default: the prompts themselves)."""
         request_id = new_id("chatcmpl" if kind == "chat" else "cmpl")
         jobs = [(prompt, self._choice_params(params, i)) for prompt in prompts for i in range(body.n)]
-        verdicts = [await self._check(prompt) for prompt in prompts]
+        verdicts = [await self._check(text) for text in (texts if texts is not None else prompts)]
         flagged = [verdicts[j // body.n] for j in range(len(jobs))]
         self.metrics.inc("prompt_tokens_total", prompt_tokens)
         if body.stream:
@@ -274,7 +280,7 @@ class AlpacaService:
         self._done(kind, 200, started)
         return build(request_id, self.model_id, [(r[0], r[1]) for r in results], prompt_tokens, completion_tokens)
 
-    async def _filtered_stream(self, prompt: str, params: SamplingParams, group: object,
+    async def _filtered_stream(self, prompt: Prompt, params: SamplingParams, group: object,
                                count: Callable[[int], None]) -> AsyncIterator[Delta]:
         """The engine's deltas through the term filter: characters that may be the start of a flagged piece
         wait until what follows them is known, so no part of a flagged piece is ever sent."""
@@ -303,7 +309,7 @@ class AlpacaService:
         merged: asyncio.Queue = asyncio.Queue()
         tokens = [0] * len(jobs)
 
-        async def run_choice(index: int, prompt: str, params: SamplingParams, verdict) -> None:
+        async def run_choice(index: int, prompt: Prompt, params: SamplingParams, verdict) -> None:
             try:
                 if verdict.flagged:
                     await merged.put((index, Delta(self._refusal(verdict.reason, "prompt"), 0, "content_filter")))
@@ -367,12 +373,25 @@ class AlpacaService:
             raise APIError(503, "the reports database is unavailable; try again later", type="server_error",
                            code="database_unavailable") from None
 
+    async def _demo_prompt(self, instruction: str, input: str) -> str:  # noqa: A002 - Alpaca's field name
+        """The prompt the model saw for the demo page's instruction and input, for a report that does not
+        give it: the page sends a chat model one user message (``demo_user_message``), an Alpaca model
+        Alpaca's prompt."""
+        if self.prompt_format != "chat":
+            return format_prompt(instruction, input)
+        message = [{"role": "user", "content": demo_user_message(instruction, input)}]
+        try:
+            return (await asyncio.to_thread(render_prompt, message, self.engine.tokenizer, "chat")).text
+        except ChatFormatError:  # a template that refuses a lone user message: keep what the page asked
+            return demo_user_message(instruction, input)
+
     # ---- routes (put behind FastAPI by create_api) ----
     def demo_page(self, request: Request) -> HTMLResponse:
         root = request.scope.get("root_path", "").rstrip("/")
         html = DEMO_PAGE.read_text(encoding="utf-8")
         html = html.replace("{{ROOT}}", root).replace("{{MODEL}}", html_escape(self.model_id))
         html = html.replace("{{NEEDS_KEY}}", "true" if self.api_key_sha256 else "false")
+        html = html.replace("{{PROMPT_FORMAT}}", json.dumps(self.prompt_format))
         templates = json.dumps({"with_input": PROMPT_WITH_INPUT, "no_input": PROMPT_NO_INPUT})
         html = html.replace("{{TEMPLATES}}", templates.replace("</", "<\\/"))
         html = html.replace("{{REASONS}}", "".join(f'<option value="{r}">{r}</option>' for r in REPORT_REASONS))
@@ -404,11 +423,19 @@ class AlpacaService:
     async def chat_completions(self, body: ChatRequest):
         async def work(started):
             self._check_model(body.model)
-            prompt = chat_to_prompt(body.messages)
-            self._check_size(body, [prompt], "messages")
+            try:
+                conversation = body.conversation()
+                self._check_size(body, [conversation], "messages")
+                # the whole conversation in the model's prompt format, as token ids (alpaca_ray.chat);
+                # templating and tokenizing are CPU work: on a thread, never on the event loop
+                rendered = await asyncio.to_thread(render_prompt, conversation, self.engine.tokenizer,
+                                                   self.prompt_format)
+            except ChatFormatError as err:
+                raise APIError(400, str(err), param="messages", code="invalid_value") from None
             max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-            params, prompt_tokens = await self._sampling(body, max_tokens, [prompt], "messages")
-            return await self._run("chat", [prompt], body, params, prompt_tokens, started)
+            params, prompt_tokens = await self._sampling(body, max_tokens, [rendered.ids], "messages")
+            return await self._run("chat", [rendered.ids], body, params, prompt_tokens, started,
+                                   texts=[rendered.text])
         return await self._guarded("chat", work)
 
     async def add_report(self, body: ReportRequest) -> dict:
@@ -421,7 +448,8 @@ class AlpacaService:
                 if len(text) > cap:
                     raise APIError(400, f"{name} is {len(text)} characters long; reports keep at most {cap} per field",
                                    param=name, code="invalid_value")
-            prompt = body.prompt or (format_prompt(body.instruction, body.input) if body.instruction else "")
+            prompt = body.prompt or (await self._demo_prompt(body.instruction, body.input) if body.instruction
+                                     else "")
             report_id = await self._reports_call(self.reports.add(dict(
                 model=body.model or self.model_id, response=body.response, reason=body.reason,
                 instruction=body.instruction, input=body.input, prompt=prompt, details=body.details)))
@@ -543,7 +571,7 @@ def create_api(service: AlpacaService) -> FastAPI:
 
     @api.get("/healthz")
     async def healthz() -> dict:
-        return {"status": "ok", "model": service.model_id}
+        return {"status": "ok", "model": service.model_id, "prompt_format": service.prompt_format}
 
     @api.get("/metrics", response_class=PlainTextResponse)
     async def metrics_page() -> PlainTextResponse:

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 from typing import Literal
 
+from alpaca_ray.chat import check_prompt_format
 from alpaca_ray.cluster import storage
 from alpaca_ray.cluster.sqlite_store import remote_path_message
 from alpaca_ray.config import UserError, config_from_dict, config_to_dict, option, validate
@@ -40,6 +41,11 @@ class ServeConfig:
         "auto", "generation engine: transformers (CPU/GPU), vllm (GPU, needs the vllm extra), or auto "
                 "(vllm when installed and --use-gpu, else transformers)")
     served_model_name: str = option("", "model id reported by /v1/models (default: the model dir's name)")
+    prompt_format: Literal["auto", "alpaca", "chat"] = option(
+        "auto", "how /v1/chat/completions prompts the model: chat (the whole conversation in the tokenizer's chat "
+                "template), alpaca (Alpaca's template: the last user message is the instruction, the rest of "
+                "the conversation its input), or auto (what training recorded in the model dir's "
+                "alpaca_ray.json, else chat when the tokenizer has a chat template, else alpaca)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option("auto", "weights dtype "
                                                                       "(auto: bf16 on GPU, fp32 on CPU)")
     max_batch_size: int = option(16, "most sequences decoded together in one batch")
@@ -157,6 +163,8 @@ def resolve_config(config: ServeConfig) -> ServeConfig:
                                                                                       "adapter_config.json")):
         raise UserError(f"--model {config.model}: not a model directory (no config.json there); give the train "
                         "stage's OUTPUT/final or a Hugging Face model dir or hub name")
+    if os.path.isdir(model):  # a model that cannot be prompted as asked fails here, not in a replica
+        check_prompt_format(model, config.prompt_format)
     if config.content_filter == "terms" and config.filter_terms_file:
         from alpaca_ray.serve.content_filter import read_terms
 

@@ -44,14 +44,20 @@ class Delta:
     finish_reason: str | None = None
 
 
+#: A prompt as text (tokenized by the engine with the tokenizer's special tokens, as /v1/completions takes
+#: it) or as token ids, given to the model exactly as they are (a chat template's rendering, which has its
+#: own BOS: tokenizing its text again would add a second one).
+Prompt = str | list[int]
+
+
 class GenerationEngine(Protocol):
     """What the app needs from an engine; the transformers and vLLM engines both provide it."""
 
     context_length: int
 
-    def count_prompt_tokens(self, prompt: str) -> int: ...
+    def count_prompt_tokens(self, prompt: Prompt) -> int: ...
 
-    def generate(self, prompt: str, params: SamplingParams, group: object = None,
+    def generate(self, prompt: Prompt, params: SamplingParams, group: object = None,
                  stream: bool = True) -> AsyncIterator[Delta]: ...
 
     def stats(self) -> dict: ...
@@ -100,6 +106,23 @@ def load_causal_lm(model_path: str, dtype: torch.dtype):
 
     base = AutoModelForCausalLM.from_pretrained(base_model_path(model_path), dtype=dtype)
     return PeftModel.from_pretrained(base, model_path).merge_and_unload()
+
+
+def stop_token_ids(tokenizer, model_config, generation_config=None) -> set[int]:
+    """Every id that ends an answer (see :func:`alpaca_ray.chat.eos_token_ids`)."""
+    from alpaca_ray.chat import eos_token_ids
+
+    return set(eos_token_ids(tokenizer, model_config, generation_config))
+
+
+def prompt_token_ids(prompt: list[int], vocab_size: int) -> list[int]:
+    """A prompt given as token ids, checked: an id outside the vocabulary would fail the whole batch."""
+    ids = list(prompt)
+    if not ids:
+        raise ValueError("the prompt has no tokens")
+    if any(type(token) is not int or not 0 <= token < vocab_size for token in ids):
+        raise ValueError(f"prompt token ids must be integers in 0..{vocab_size - 1}")
+    return ids
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
@@ -282,8 +305,7 @@ class TransformersEngine:
         config = self.model.config
         self.vocab_size = int(config.vocab_size)
         self.context_length = int(getattr(config, "max_position_embeddings", 0) or self.tokenizer.model_max_length)
-        eos = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else config.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self.eos_ids = stop_token_ids(self.tokenizer, config, getattr(self.model, "generation_config", None))
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids or {0})
         self.max_batch_size, self.batch_wait_timeout_s = max_batch_size, batch_wait_timeout_s
         # transformers 5 renamed the KV cache argument from past_key_values to cache
@@ -299,12 +321,14 @@ class TransformersEngine:
         self._thread.start()
 
     # ---- the caller's side (event loop) ----
-    def count_prompt_tokens(self, prompt: str) -> int:
-        return len(self.tokenizer(prompt)["input_ids"])
+    def count_prompt_tokens(self, prompt: Prompt) -> int:
+        return len(prompt) if isinstance(prompt, list) else len(self.tokenizer(prompt)["input_ids"])
 
-    async def generate(self, prompt: str, params: SamplingParams, group: object = None,
+    async def generate(self, prompt: Prompt, params: SamplingParams, group: object = None,
                        stream: bool = True) -> AsyncIterator[Delta]:
         """Stream one answer; leaving the loop early (a client gone) cancels the sequence.
+
+        ``prompt``: text, tokenized here with the tokenizer's special tokens, or token ids used as they are.
 
         ``group`` names the request the answer belongs to (answers of one request share a fair share of
         the batch); ``stream=False`` sends the whole answer as one delta at the end (no per-token wakeups
@@ -312,7 +336,10 @@ class TransformersEngine:
         """
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue[Delta] = asyncio.Queue()
-        prompt_ids = (await asyncio.to_thread(self.tokenizer, prompt))["input_ids"]
+        if isinstance(prompt, str):
+            prompt_ids = (await asyncio.to_thread(self.tokenizer, prompt))["input_ids"]
+        else:
+            prompt_ids = prompt_token_ids(prompt, self.vocab_size)
         sequence = _Sequence(prompt_ids, params, lambda delta: loop.call_soon_threadsafe(deltas.put_nowait, delta),
                              group, stream)
         self._queue.put(sequence)
@@ -496,27 +523,39 @@ class VLLMEngine:
             from vllm.lora.request import LoRARequest
 
             self.lora_request = LoRARequest("adapter", 1, model_path)
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         config = AutoConfig.from_pretrained(base)
         self.context_length = int(getattr(config, "max_position_embeddings", 0) or self.tokenizer.model_max_length)
+        self.vocab_size = int(config.vocab_size)
+        try:
+            generation = GenerationConfig.from_pretrained(base)
+        except OSError:  # no generation_config.json
+            generation = None
+        # vLLM stops at the tokenizer's EOS itself; the others are passed with every request
+        self.eos_ids = stop_token_ids(self.tokenizer, config, generation)
         self._count = 0
 
-    def count_prompt_tokens(self, prompt: str) -> int:
-        return len(self.tokenizer(prompt)["input_ids"])
+    def count_prompt_tokens(self, prompt: Prompt) -> int:
+        return len(prompt) if isinstance(prompt, list) else len(self.tokenizer(prompt)["input_ids"])
 
-    async def generate(self, prompt: str, params: SamplingParams, group: object = None,
+    async def generate(self, prompt: Prompt, params: SamplingParams, group: object = None,
                        stream: bool = True) -> AsyncIterator[Delta]:
-        """vLLM schedules its own batch; ``group`` and ``stream`` are accepted for the protocol, not used."""
+        """vLLM schedules its own batch; ``group`` and ``stream`` are accepted for the protocol, not used.
+
+        Token ids go to vLLM as a ``TokensPrompt`` (used as they are); text is tokenized by vLLM.
+        """
         from vllm import SamplingParams as VLLMSamplingParams
 
         self._count += 1
         sampling = VLLMSamplingParams(max_tokens=params.max_tokens, temperature=params.temperature,
                                       top_p=params.top_p, stop=params.stop or None,
+                                      stop_token_ids=sorted(self.eos_ids) or None, skip_special_tokens=True,
                                       seed=None if params.seed is None else params.seed % 2**63)
+        inputs = prompt if isinstance(prompt, str) else {"prompt_token_ids": prompt_token_ids(prompt, self.vocab_size)}
         sent = ""
-        async for output in self.engine.generate(prompt, sampling, request_id=f"req-{id(self)}-{self._count}",
+        async for output in self.engine.generate(inputs, sampling, request_id=f"req-{id(self)}-{self._count}",
                                                  lora_request=self.lora_request):
             completion = output.outputs[0]
             new = completion.text[len(sent):]

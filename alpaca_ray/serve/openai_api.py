@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from alpaca_ray.prompts import format_prompt
+from alpaca_ray.chat import message_text, normalize_messages
 
 
 class APIError(Exception):
@@ -106,14 +106,18 @@ class ChatMessage(WireModel):
     content: str | list[dict[str, Any]] | None = None
 
     def text(self) -> str:
-        if isinstance(self.content, list):  # content parts: keep the text ones
-            return "".join(str(part.get("text", "")) for part in self.content if part.get("type") == "text")
-        return self.content or ""
+        """The content's text (of content parts, the text ones)."""
+        return message_text(self.content)
 
 
 class ChatRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
+
+    def conversation(self) -> list[dict[str, str]]:
+        """The messages as plain ``{"role", "content"}`` text dicts (developer -> system), ready for
+        :func:`alpaca_ray.chat.render_prompt`."""
+        return normalize_messages({"role": m.role, "content": m.content} for m in self.messages)
 
 
 class ReportRequest(WireModel):
@@ -134,14 +138,6 @@ class ReportRequest(WireModel):
 
 class DetectRequest(WireModel):
     text: str
-
-
-def chat_to_prompt(messages: list[ChatMessage]) -> str:
-    """Alpaca's demo prompt: the last user message is the instruction and the input is empty."""
-    user_messages = [m for m in messages if m.role == "user"]
-    if not user_messages:
-        raise APIError(400, "messages must contain a user message", param="messages")
-    return format_prompt(user_messages[-1].text())
 
 
 def new_id(prefix: str) -> str:

@@ -19,7 +19,16 @@ class TrainConfig:
     """Supervised fine-tuning of a causal LM on Alpaca-format data with FSDP2 on Ray Train."""
 
     base_model: str = option("", "base model: a Hugging Face hub name or a local directory (required)")
-    data: str = option("", "training data: an Alpaca JSON/JSONL/Parquet file or a `datasets` hub name (required)")
+    data: str = option("", "training data: a JSON/JSONL/Parquet file or a `datasets` hub name (required) of Alpaca "
+                           "records (instruction/input/output) or conversations (OpenAI `messages` or ShareGPT "
+                           "`conversations`)")
+    prompt_format: Literal["auto", "alpaca", "chat"] = option(
+        "auto", "how examples are rendered: chat (the base model's chat template, loss on every assistant turn), "
+                "alpaca (Stanford's template, loss on the response); auto: chat when the tokenizer has a chat "
+                "template or the data holds conversations, else alpaca. Saved in final/ for serve")
+    chat_template: str = option(
+        "", "a Jinja chat template file to use instead of the tokenizer's own (it must end each assistant turn "
+            "with the EOS token); saved with final/")
     output: str = option("", "output directory or object-store URI (s3://, gs://): final/, metrics.jsonl, "
                              "loss.png, checkpoints; on a cluster, a root every node reaches (required)")
     num_workers: int = option(2, "Ray Train workers (one per GPU with --use-gpu)")
@@ -61,7 +70,8 @@ class TrainConfig:
         "PACK", "how Ray places the workers over nodes (ScalingConfig.placement_strategy): PACK fills as few "
                 "nodes as it can; SPREAD puts ranks on different nodes where it can; STRICT_SPREAD requires "
                 "one rank per node")
-    log_every: int = option(1, "write a metrics record every this many steps")
+    log_every: int = option(1, "write a metrics record (and print a line) every this many steps")
+    verbose: bool = option(False, "also show Ray Data's execution lines and progress bars on the workers")
     lora: bool = option(
         False, "train low-rank adapters (PEFT LoRA) on a frozen base instead of every weight; final/ is then "
                "a PEFT adapter directory (LoRA learning rates are higher: Alpaca-LoRA used 3e-4)")
@@ -99,6 +109,8 @@ class TrainConfig:
             (self.max_failures >= 0, f"max_failures must be >= 0, got {self.max_failures}"),
             (self.cpus_per_worker >= 1, f"cpus_per_worker must be >= 1, got {self.cpus_per_worker}"),
             (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
+            (self.prompt_format in ("auto", "alpaca", "chat"),
+             f"prompt_format must be auto, alpaca or chat, got {self.prompt_format!r}"),
             (self.placement_strategy in PLACEMENT_STRATEGIES,  # a config file bypasses argparse's choices
              f"placement_strategy must be one of {', '.join(PLACEMENT_STRATEGIES)}, got {self.placement_strategy!r}"),
             *batch_size_checks(self.global_batch_size, self.num_workers, self.micro_batch_size),

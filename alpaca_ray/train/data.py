@@ -19,14 +19,20 @@ DEFAULT_PAD_TOKEN = "[PAD]"  # what Stanford Alpaca's train.py adds to LLaMA's t
 
 @dataclass(frozen=True)
 class Example:
-    """One tokenized example: the loss is taken on ``input_ids[prompt_len:]``."""
+    """One tokenized example: the loss is taken on ``input_ids[prompt_len:]`` (Alpaca: one response after
+    the prompt), or where ``loss_mask`` is 1 when it is given (a conversation: every assistant turn)."""
 
     id: int
     input_ids: tuple[int, ...]
     prompt_len: int
+    loss_mask: tuple[int, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    @property
+    def num_labels(self) -> int:
+        return sum(self.loss_mask) if self.loss_mask is not None else len(self.input_ids) - self.prompt_len
 
 
 def add_pad_token(tokenizer) -> bool:
@@ -62,12 +68,74 @@ def tokenize_record(tokenizer, instruction: str, input: str, output: str, max_le
     input_ids = full_ids[:max_length]
     prompt_len = min(len(prompt_ids), len(input_ids))
     return {"input_ids": input_ids, "prompt_len": prompt_len, "truncated": truncated,
-            "num_labels": len(input_ids) - prompt_len}
+            "num_labels": len(input_ids) - prompt_len,
+            "loss_mask": [0] * prompt_len + [1] * (len(input_ids) - prompt_len)}
 
 
 def labels_for(example: Example) -> list[int]:
     """Labels of one example: -100 on the prompt, the token itself on the response (the model shifts)."""
+    if example.loss_mask is not None:
+        return [t if m else IGNORE_INDEX for t, m in zip(example.input_ids, example.loss_mask)]
     return [IGNORE_INDEX] * example.prompt_len + list(example.input_ids[example.prompt_len:])
+
+
+class ChatTemplateError(ValueError):
+    """A chat template this stage cannot train with (it renders a conversation's start differently from the
+    conversation's prefix, so no token can be told to belong to an assistant turn)."""
+
+
+def render_chat(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def end_of_turn_strings(tokenizer, eos_ids: Sequence[int]) -> list[str]:
+    """The texts of the EOS tokens, longest first (what ends an assistant turn in a rendered chat)."""
+    texts = {tokenizer.convert_ids_to_tokens(int(i)) for i in eos_ids} | {tokenizer.eos_token}
+    return sorted((t for t in texts if t), key=len, reverse=True)
+
+
+def assistant_spans(tokenizer, messages: Sequence[dict], eos_ids: Sequence[int]) -> tuple[str, list[tuple[int, int]]]:
+    """(the rendered conversation, character spans of its assistant turns), each span ending just after the
+    turn's end-of-turn (EOS) token: what the model must learn to write, stopping included, and nothing of
+    the template's text that follows it (ChatML's newline) or comes before it (``<|im_start|>assistant``).
+
+    A turn's span starts where the rendering of the conversation up to it, with the generation prompt,
+    ends: that is exactly the prompt serve renders before the model answers.
+    """
+    full = render_chat(tokenizer, messages)
+    ends = end_of_turn_strings(tokenizer, eos_ids)
+    spans = []
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = render_chat(tokenizer, messages[:index], add_generation_prompt=True)
+        through = render_chat(tokenizer, messages[:index + 1])
+        if not (through.startswith(before) and full.startswith(through)):
+            raise ChatTemplateError("the chat template renders the start of a conversation differently from the "
+                                    f"whole (at message {index}), so assistant turns cannot be located")
+        turn = through[len(before):]
+        stops = [turn.rfind(end) + len(end) for end in ends if end in turn]
+        spans.append((len(before), len(before) + (max(stops) if stops else len(turn))))
+    return full, spans
+
+
+def tokenize_chat(tokenizer, messages: Sequence[dict], max_length: int, eos_ids: Sequence[int]) -> dict:
+    """Tokenize a conversation in the tokenizer's chat template, with the loss on assistant turns only.
+
+    The rendered text is tokenized once (as ``apply_chat_template(tokenize=True)`` does: no special tokens
+    added, the template has them), and a token is labelled when it starts inside an assistant span.
+    Returns ``input_ids``, ``loss_mask``, ``prompt_len`` (tokens before the first label), ``truncated`` and
+    ``num_labels``.
+    """
+    text, spans = assistant_spans(tokenizer, messages, eos_ids)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(encoded["input_ids"]), encoded["offset_mapping"]
+    mask = [int(any(start <= begin < end for start, end in spans)) for begin, _ in offsets]
+    truncated = len(ids) > max_length
+    ids, mask = ids[:max_length], mask[:max_length]
+    prompt_len = mask.index(1) if 1 in mask else len(ids)
+    return {"input_ids": ids, "loss_mask": mask, "prompt_len": prompt_len, "truncated": truncated,
+            "num_labels": sum(mask)}
 
 
 def split_train_eval(num_examples: int, eval_fraction: float, eval_max: int, seed: int) -> tuple[list[int], list[int]]:

@@ -10,7 +10,6 @@ import json
 import time
 
 from alpaca_ray.cluster import storage
-from alpaca_ray.prompts import TEMPLATE_NAME
 from alpaca_ray.train.config import TrainConfig
 from alpaca_ray.train.data import (
     IGNORE_INDEX,
@@ -27,7 +26,8 @@ def read_examples(shard) -> dict[int, Example]:
     """All rows of a Ray Data shard, keyed by id (every worker sees the whole tokenized set)."""
     if shard is None:
         return {}
-    return {int(row["id"]): Example(int(row["id"]), tuple(int(t) for t in row["input_ids"]), int(row["prompt_len"]))
+    return {int(row["id"]): Example(int(row["id"]), tuple(int(t) for t in row["input_ids"]), int(row["prompt_len"]),
+                                    tuple(int(m) for m in row["loss_mask"]))
             for row in shard.iter_rows()}
 
 
@@ -54,7 +54,7 @@ def batch_token_counts(micro_batches, examples: dict[int, Example], packed: bool
             rows = [sum(len(examples[i]) for i in unit) for unit in units] or [0]
             real += sum(rows)
             computed += max(1, len(rows)) * max(1, max(rows))
-            labels += sum(len(examples[i]) - examples[i].prompt_len for unit in units for i in unit)
+            labels += sum(examples[i].num_labels for unit in units for i in unit)
     return real, computed, labels
 
 
@@ -120,14 +120,14 @@ def evaluate(model, eval_examples: dict[int, Example], cfg: TrainConfig, micro: 
     return float(totals[0] / totals[1].clamp(min=1))
 
 
-def prepare_model(cfg: TrainConfig, attn: str, device, world: int):
+def prepare_model(cfg: TrainConfig, attn: str, device, world: int, chat_template: str = ""):
     """(sharded model in train mode, tokenizer) on this rank: the same on every rank, from the seed."""
     import torch
 
     from alpaca_ray.train.model import build_model, shard_model
 
     torch.manual_seed(cfg.seed)  # new embedding rows and adapter initialisation are identical on every rank
-    model, tokenizer = build_model(cfg, attn, device)
+    model, tokenizer = build_model(cfg, attn, device, chat_template)
     model = shard_model(model, "cuda" if cfg.use_gpu else "cpu", world, cfg.dtype, cfg.cpu_offload,
                         cfg.activation_checkpointing, quantized_base=cfg.qlora)
     model.train()
@@ -201,6 +201,34 @@ def export(model, tokenizer, cfg: TrainConfig, output: str, base_dtype, metadata
         export_final(model, tokenizer, final, base_dtype, metadata, rank)
 
 
+def step_line(record: dict, last_step: int, started: float, first_step: int) -> str:
+    """The one line printed for a logged step: where the run is, its loss, speed and time left."""
+    done = record["step"] - first_step
+    left = (time.perf_counter() - started) / max(1, done) * (last_step - record["step"])
+    return (f"step {record['step']}/{last_step} (epoch {record['epoch']}): loss {record['loss']:.4f}, "
+            f"lr {record['lr']:.2e}, grad norm {record['grad_norm']:.2f}, {record['tokens_per_s']:.0f} tokens/s, "
+            f"{left / 60:.1f} min left")
+
+
+def quiet_worker_logs() -> None:
+    """One line per logged step is the training log. Ray Data's execution lines and progress bars, Ray
+    Train's line for every report and checkpoint, and the weight-loading/saving bars of transformers and
+    the hub would bury it (each printed by both workers), so only warnings are kept (``--verbose`` keeps
+    all). ``print`` still shows: Ray Train's patched print writes to the worker's stdout as well as to the
+    root logger, which this quiets."""
+    import logging
+
+    import huggingface_hub.utils
+    import ray.data
+    import transformers
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    for name in ("", "ray.data", "ray.train"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train's per-worker function; ``loop_config`` carries the config and what the driver resolved."""
     import ray.data
@@ -208,7 +236,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train.torch
     import torch
     import torch.distributed as dist
-    from tqdm import tqdm
 
     from alpaca_ray.train.checkpoint import restore, save_and_report
 
@@ -225,7 +252,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     micro, accumulation = cfg.derived_micro_batch_size, cfg.grad_accumulation
 
     # Data: the same plan on every rank (see data.py), so resuming replays the same order.
-    ray.data.DataContext.get_current().enable_progress_bars = False  # rank 0's tqdm is the one to watch
+    if not cfg.verbose:
+        quiet_worker_logs()
     examples = read_examples(ray.train.get_dataset_shard("train"))
     eval_examples = read_examples(ray.train.get_dataset_shard("eval")) if loop_config["has_eval"] else {}
     lengths = {i: len(e) for i, e in examples.items()}
@@ -235,7 +263,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     # Model: full fp32 weights on every rank, then sharded; bf16 compute, fp32 master weights and reduction.
     # LoRA: the frozen base in the compute dtype (4-bit with QLoRA) plus adapters, which alone are trained.
-    model, tokenizer = prepare_model(cfg, attn, device, world)
+    model, tokenizer = prepare_model(cfg, attn, device, world, loop_config.get("chat_template", ""))
     optimizer = make_optimizer(model, cfg)
     state = restore(model, optimizer, adapters_only=cfg.lora)
     start_step = state["step"] if state else 0
@@ -251,8 +279,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
         metrics = storage.AppendLog(metrics_path)
         if state:
             print(f"resumed from checkpoint at step {start_step}/{plan.total_steps}", flush=True)
-    progress = tqdm(total=last_step, initial=start_step, desc="train", disable=rank != 0, mininterval=1.0)
     pad_id = tokenizer.pad_token_id
+
+    def log_eval(step: int, epoch: int) -> float:
+        eval_loss = evaluate(model, eval_examples, cfg, micro, pad_id, packed, rank, world, device, flatten)
+        if metrics is not None:
+            metrics.append(json.dumps({"step": step, "epoch": epoch, "eval_loss": eval_loss}) + "\n")
+            print(f"step {step}/{last_step} (epoch {epoch}): eval loss {eval_loss:.4f}", flush=True)
+        return eval_loss
+
+    if eval_examples and start_step == 0:
+        log_eval(0, 0)  # before any update: the baseline the fall is measured from
+    run_started = time.perf_counter()
 
     for step in range(start_step, last_step):
         epoch, units = plan.batch(step)
@@ -274,18 +312,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
                   "grad_norm": float(grad_norm), "tokens_per_s": real / elapsed,
                   "real_token_share": real / computed, "real_tokens": real, "computed_tokens": computed,
                   "time_s": elapsed, "peak_memory_gb": float(peak)}
-        progress.update(1)
-        progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
-        if metrics is not None and (step + 1) % cfg.log_every == 0:
-            metrics.append(json.dumps(record) + "\n")
-
         done = step + 1 == last_step
+        if metrics is not None and ((step + 1) % cfg.log_every == 0 or done):
+            metrics.append(json.dumps(record) + "\n")
+            print(step_line(record, last_step, run_started, start_step), flush=True)
+
         if eval_examples and (step + 1 in epoch_ends or done):
-            eval_loss = evaluate(model, eval_examples, cfg, micro, pad_id, packed, rank, world, device, flatten)
-            record["eval_loss"] = eval_loss
-            if metrics is not None:
-                metrics.append(json.dumps({"step": step + 1, "epoch": epoch, "eval_loss": eval_loss}) + "\n")
-                tqdm.write(f"epoch {epoch} step {step + 1}: eval loss {eval_loss:.4f}")
+            record["eval_loss"] = log_eval(step + 1, epoch)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 in epoch_ends or done:
             if metrics is not None:
                 # Before the checkpoint exists: a run resumed from it then finds every record up to it.
@@ -294,14 +327,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
                             adapters_only=cfg.lora)
             if metrics is not None:
                 plot_loss(parse_metrics(metrics.text()), storage.join(output, "loss.png"))
-    progress.close()
+                print(f"step {step + 1}/{last_step}: checkpoint saved", flush=True)
 
-    metadata = {"prompt_template": TEMPLATE_NAME, "base_model": cfg.base_model,
+    metadata = {"prompt_template": loop_config.get("prompt_format", "alpaca"), "base_model": cfg.base_model,
                 "train_config": loop_config["train_config"], "steps": last_step,
                 "total_steps": plan.total_steps, "packing": packed,
                 "finetuning": "qlora" if cfg.qlora else "lora" if cfg.lora else "full"}
     export(model, tokenizer, cfg, output, getattr(torch, loop_config["base_dtype"]), metadata, rank)
     if metrics is not None:
+        print(f"exported {storage.join(output, 'final')}", flush=True)
         metrics.flush()
         plot_loss(parse_metrics(metrics.text()), storage.join(output, "loss.png"))
     dist.barrier()

@@ -23,15 +23,17 @@ def choose_attention(requested: str, use_gpu: bool) -> str:
     return "sdpa"
 
 
-def load_tokenizer(name_or_path: str, new_pad_token: bool = True):
+def load_tokenizer(name_or_path: str, new_pad_token: bool = True, chat_template: str = ""):
     """The base model's tokenizer with a pad token when it has none: a new ``[PAD]`` (Alpaca), or with
     ``new_pad_token=False`` an existing token (adapters train on the base vocabulary, see
-    :func:`alpaca_ray.train.data.reuse_pad_token`)."""
+    :func:`alpaca_ray.train.data.reuse_pad_token`). ``chat_template`` (Jinja text) replaces its own."""
     from transformers import AutoTokenizer
 
     from alpaca_ray.train.data import add_pad_token, reuse_pad_token
 
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    if chat_template:
+        tokenizer.chat_template = chat_template
     add_pad_token(tokenizer) if new_pad_token else reuse_pad_token(tokenizer)
     if tokenizer.eos_token_id is None:
         from alpaca_ray.config import UserError
@@ -39,6 +41,20 @@ def load_tokenizer(name_or_path: str, new_pad_token: bool = True):
         raise UserError(f"{name_or_path}: the tokenizer has no EOS token; Alpaca training appends one to "
                         "every response so the model learns to stop")
     return tokenizer
+
+
+def eos_token_ids(name_or_path: str, tokenizer) -> list[int]:
+    """Every id that ends a sequence for a model directory or hub name (see
+    :func:`alpaca_ray.chat.eos_token_ids`): the loss is taken up to the one that ends each assistant turn."""
+    from transformers import AutoConfig, GenerationConfig
+
+    from alpaca_ray.chat import eos_token_ids as union
+
+    try:
+        generation = GenerationConfig.from_pretrained(name_or_path)
+    except OSError:  # no generation_config.json: the tokenizer's and the config's EOS are all there is
+        generation = None
+    return union(tokenizer, AutoConfig.from_pretrained(name_or_path), generation)
 
 
 def supports_packing(config) -> bool:
@@ -132,9 +148,9 @@ def load_adapter_model(cfg, tokenizer, attn_implementation: str = "sdpa", device
     return model
 
 
-def build_model(cfg, attn_implementation: str, device):
+def build_model(cfg, attn_implementation: str, device, chat_template: str = ""):
     """(model, tokenizer) for a train config, before sharding: the full model, or the base with adapters."""
-    tokenizer = load_tokenizer(cfg.base_model, new_pad_token=not cfg.lora)
+    tokenizer = load_tokenizer(cfg.base_model, new_pad_token=not cfg.lora, chat_template=chat_template)
     if cfg.lora:
         return load_adapter_model(cfg, tokenizer, attn_implementation, device), tokenizer
     return load_model(cfg.base_model, tokenizer, attn_implementation), tokenizer

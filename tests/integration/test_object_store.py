@@ -36,14 +36,16 @@ def _metrics(uri: str) -> tuple[list[int], list[int]]:
 
 @pytest.fixture(scope="module")
 def s3_run(ray_env, object_store, tiny_model_dir, tmp_path_factory):  # noqa: F811
-    """A run to an ``s3://`` output stopped after 2 steps, then resumed from the bucket to step 4."""
+    """A run to an ``s3://`` output stopped after 2 steps, then resumed from the bucket to step 4; with
+    length-grouped padded batches (no packing: what models that cannot take packed rows train with)."""
     data = write_dataset(tmp_path_factory.mktemp("s3-train-data") / "data.json", count=48)
     output = object_store.fresh_uri("train")
     cwd = tmp_path_factory.mktemp("s3-train-cwd")  # where a bug writing to a local "s3:" folder would show
     env = {**ray_env, **object_store.env}
 
     def train(steps: int, *extra: str):
-        flags = tiny_recipe(tiny_model_dir, data, output, **{"max-steps": steps, "checkpoint-every": 2})
+        flags = tiny_recipe(tiny_model_dir, data, output, packing=False,
+                            **{"max-steps": steps, "checkpoint-every": 2, "micro-batch-size": 2})
         return run_cli(["train", *flags, *extra], env=env, cwd=cwd, timeout=400, check=True)
 
     first = train(2)
@@ -57,16 +59,21 @@ def test_train_writes_every_file_to_the_bucket_and_resumes_from_it(s3_run, ray_l
     import ray
 
     assert RUN_FILES <= s3_run.after_first.files, RUN_FILES - s3_run.after_first.files
-    assert s3_run.after_first.metrics == ([1, 2], [2])  # max_steps ends with an eval
+    assert s3_run.after_first.metrics == ([1, 2], [0, 2])  # a baseline eval, and max_steps ends with one
     assert "resumed from checkpoint at step" not in s3_run.first.stdout + s3_run.first.stderr
 
     assert "resumed from checkpoint at step 2/" in s3_run.second.stdout + s3_run.second.stderr
-    assert _metrics(s3_run.output) == ([1, 2, 3, 4], [2, 4])  # each step once, none redone
+    assert _metrics(s3_run.output) == ([1, 2, 3, 4], [0, 2, 4])  # each step once, none redone
     summary = json.loads(storage.read_text(storage.join(s3_run.output, "summary.json")))
     assert summary["resumed"] is True and summary["steps"] == 4 and 0 < summary["real_token_share"] <= 1
     assert summary["final"] == storage.join(s3_run.output, "final")
     meta = json.loads(storage.read_text(storage.join(s3_run.output, "final", "alpaca_ray.json")))
-    assert meta["steps"] == 4
+    assert meta["steps"] == 4 and meta["packing"] is False
+    records = [json.loads(line) for line in storage.read_text(storage.join(s3_run.output, "metrics.jsonl")).splitlines()]
+    steps = [r for r in records if "loss" in r]
+    # padded rows: some computed tokens are padding, and the summary says so
+    assert all(r["real_token_share"] < 1 and r["computed_tokens"] > r["real_tokens"] for r in steps)
+    assert summary["real_token_share"] < 1
     assert storage.read_bytes(storage.join(s3_run.output, "loss.png"))[:8] == b"\x89PNG\r\n\x1a\n"
     assert RUN_FILES <= s3_run.files
 

@@ -76,13 +76,14 @@ def test_completions_usage_seed_and_n(app, client, tokenizer):
     assert [c.index for c in several.choices] == [0, 1, 2, 3]
 
 
-def test_chat_uses_the_alpaca_prompt(app, client, tokenizer):
+def test_chat_uses_the_alpaca_prompt_with_the_system_message_as_input(app, client, tokenizer):
+    """The tiny model has no chat template: Alpaca's rule (alpaca_ray.chat), the system message kept."""
     reply = client.chat.completions.create(model=app.model, max_tokens=6, temperature=0, messages=[
-        {"role": "system", "content": "ignored"}, {"role": "user", "content": "Name a color."}])
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a color."}])
     assert reply.choices[0].message.role == "assistant" and reply.choices[0].finish_reason in ("stop", "length")
-    assert reply.usage.prompt_tokens == len(tokenizer(format_prompt("Name a color."))["input_ids"])
-    same = client.completions.create(model=app.model, prompt=format_prompt("Name a color."), max_tokens=6,
-                                     temperature=0)
+    prompt = format_prompt("Name a color.", "System: Be brief.")
+    assert reply.usage.prompt_tokens == len(tokenizer(prompt)["input_ids"])
+    same = client.completions.create(model=app.model, prompt=prompt, max_tokens=6, temperature=0)
     assert same.choices[0].text == reply.choices[0].message.content
 
 

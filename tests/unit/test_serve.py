@@ -17,13 +17,14 @@ import threading
 
 import pytest
 
+from alpaca_ray.chat import alpaca_prompt
 from alpaca_ray.cluster.services import app_url_from_details
 from alpaca_ray.config import ConfigError, UserError
 from alpaca_ray.prompts import format_prompt
 from alpaca_ray.serve.config import ServeConfig
 from alpaca_ray.serve.content_filter import OpenAIModerationFilter, TermFilter, make_filter
 from alpaca_ray.serve.metrics import Metrics, parse_prometheus
-from alpaca_ray.serve.openai_api import ChatMessage, ChatRequest, chat_to_prompt, sse, validation_error
+from alpaca_ray.serve.openai_api import ChatRequest, sse, validation_error
 from alpaca_ray.serve.reports import ReportStore, export_reports
 from tests.conftest import run_cli
 from tests.support.serve_moderation import ModerationServer
@@ -57,13 +58,17 @@ def test_model_id_names_the_training_run_for_a_final_dir(tmp_path):
     assert ServeConfig(model="x", served_model_name="alpaca").model_id == "alpaca"
 
 
-def test_chat_uses_the_last_user_message_as_the_alpaca_instruction():
+def test_chat_requests_become_plain_conversations_for_the_prompt_formats():
     request = ChatRequest.model_validate({"model": "m", "messages": [
-        {"role": "system", "content": "be nice"}, {"role": "user", "content": "first"},
+        {"role": "developer", "content": "be nice"}, {"role": "user", "content": "first"},
         {"role": "assistant", "content": "ok"}, {"role": "user", "content": [{"type": "text", "text": "Name a color."}]}]})
-    assert chat_to_prompt(request.messages) == format_prompt("Name a color.")
+    conversation = request.conversation()
+    assert conversation == [{"role": "system", "content": "be nice"}, {"role": "user", "content": "first"},
+                            {"role": "assistant", "content": "ok"}, {"role": "user", "content": "Name a color."}]
+    # Alpaca's rule: the last user message is the instruction, the rest of the conversation its input
+    assert alpaca_prompt(conversation) == format_prompt("Name a color.", "System: be nice\nUser: first\nAssistant: ok")
     with pytest.raises(Exception, match="user message"):
-        chat_to_prompt([ChatMessage(role="system", content="x")])
+        alpaca_prompt([{"role": "system", "content": "x"}])
 
 
 def test_strict_types_are_rejected_and_named():

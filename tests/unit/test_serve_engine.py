@@ -192,3 +192,76 @@ def test_an_unstreamed_answer_arrives_whole_in_one_delta(engines):
     deltas = asyncio.run(whole())
     assert len(deltas) == 1 and deltas[0].text == streamed[0] and deltas[0].finish_reason == streamed[1]
     assert deltas[0].completion_tokens == streamed[2]
+
+
+class LastTokens:
+    """A logits processor that records each step's last token of row 0: the prompt's last, then every
+    sampled token but the final one (the engine's own hook, so what it records is what the model was fed)."""
+
+    def __init__(self):
+        self.seen: list[int] = []
+
+    def __call__(self, last_tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        self.seen.append(int(last_tokens[0, 0]))
+        return logits
+
+
+def test_stop_token_ids_gather_every_eos_source():
+    from types import SimpleNamespace
+
+    from alpaca_ray.serve.engine import stop_token_ids
+
+    assert stop_token_ids(SimpleNamespace(eos_token_id=2), SimpleNamespace(eos_token_id=[2, 5]),
+                          SimpleNamespace(eos_token_id=7)) == {2, 5, 7}
+    assert stop_token_ids(SimpleNamespace(eos_token_id=None), SimpleNamespace(eos_token_id=3), None) == {3}
+
+
+def test_generation_stops_at_any_eos_id_and_never_shows_its_text(tiny_model_dir, tmp_path):
+    """A token the tiny model generates greedily is made an extra EOS, once through the generation config
+    and once through the model config (each a list): the answer ends just before it, finish_reason stop."""
+    import shutil
+
+    recorder = LastTokens()
+    engine = TransformersEngine(str(tiny_model_dir), logits_processors=[recorder])
+    eos = engine.tokenizer.eos_token_id
+    for prompt in ("Give three tips for staying healthy.", "Name a color.", "Write a poem about the sea."):
+        recorder.seen.clear()
+        text, finish, _, _ = asyncio.run(_answer(engine, prompt, max_tokens=16, temperature=0.0))
+        generated = recorder.seen[1:]  # after the prompt's last token
+        special = set(engine.tokenizer.all_special_ids)
+        cut = next((k for k in range(2, len(generated)) if generated[k] not in generated[:k]
+                    and generated[k] not in special and engine.tokenizer.decode([generated[k]]).strip()), None)
+        if finish == "length" and cut is not None:
+            break
+    assert cut is not None, "the tiny model repeated itself on every prompt"
+    expected = engine.tokenizer.decode(generated[:cut], skip_special_tokens=True)
+    for config_file in ("generation_config.json", "config.json"):
+        model_dir = tmp_path / config_file
+        shutil.copytree(tiny_model_dir, model_dir)
+        values = json.loads((model_dir / config_file).read_text())
+        values["eos_token_id"] = [eos, generated[cut]]
+        (model_dir / config_file).write_text(json.dumps(values))
+        stopping = TransformersEngine(str(model_dir))
+        assert stopping.eos_ids == {eos, generated[cut]}
+        answer, finish, tokens, _ = asyncio.run(_answer(stopping, prompt, max_tokens=16, temperature=0.0))
+        assert (answer, finish, tokens) == (expected, "stop", cut + 1), config_file
+        assert text.startswith(answer) and len(text) > len(answer)  # its text is left out, the rest unsaid
+
+
+def test_a_prompt_given_as_token_ids_is_used_as_it_is(engines):
+    """Ids reach the model unchanged (a doubled BOS no text could give), checked against the model's own
+    greedy ``generate`` from the same ids; text prompts are tokenized with the special tokens."""
+    plain, _ = engines
+    ids = plain.tokenizer("Name a color.")["input_ids"]
+    assert plain.count_prompt_tokens(ids) == len(ids) == plain.count_prompt_tokens("Name a color.")
+    as_text = asyncio.run(_answer(plain, "Name a color.", max_tokens=8, temperature=0.0))
+    assert asyncio.run(_answer(plain, ids, max_tokens=8, temperature=0.0))[:3] == as_text[:3]
+    doubled = [plain.tokenizer.bos_token_id, *ids]
+    answer = asyncio.run(_answer(plain, doubled, max_tokens=8, temperature=0.0))[0]
+    with torch.inference_mode():
+        reference = plain.model.generate(torch.tensor([doubled]), max_new_tokens=8, do_sample=False,
+                                         pad_token_id=plain.pad_id)
+    assert answer == plain.tokenizer.decode(reference[0, len(doubled):], skip_special_tokens=True)
+    for bad in ([], [plain.vocab_size], [-1]):
+        with pytest.raises(ValueError, match="prompt"):
+            asyncio.run(_answer(plain, bad, max_tokens=2))
