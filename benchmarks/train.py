@@ -22,6 +22,7 @@ QLoRA (4-bit NF4 base; needs bitsandbytes). ``--gpu --packing-comparison``: full
 without packing, with MFU.
 
     python benchmarks/train.py                      # CPU comparison with the HF Trainer
+    python benchmarks/train.py --model runs/smollm2 --dtype float32 --micro 1   # the same on a real model
     python benchmarks/train.py --lora-comparison    # CPU: full vs LoRA on a ~100M model
     python benchmarks/train.py --gpu                # on a GPU machine: full vs LoRA vs QLoRA
 """
@@ -66,7 +67,8 @@ def benchmark_records(count: int):
     return records, "synthetic"
 
 
-def hf_trainer_reference(model_dir: str, records, max_length: int, per_device: int, accumulation: int) -> dict:
+def hf_trainer_reference(model_dir: str, records, max_length: int, per_device: int, accumulation: int,
+                         dtype: str = "bfloat16") -> dict:
     """Alpaca's train.py in one process: HF Trainer, pad-to-longest collator, labels -100 on the prompt."""
     import torch
     from transformers import Trainer, TrainingArguments
@@ -95,7 +97,8 @@ def hf_trainer_reference(model_dir: str, records, max_length: int, per_device: i
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(output_dir=out, per_device_train_batch_size=per_device,
                                  gradient_accumulation_steps=accumulation, num_train_epochs=1, learning_rate=2e-5,
-                                 weight_decay=0.0, warmup_steps=0.03, lr_scheduler_type="cosine", bf16=True,
+                                 weight_decay=0.0, warmup_steps=0.03, lr_scheduler_type="cosine",
+                                 bf16=dtype == "bfloat16",
                                  use_cpu=True, logging_steps=10_000, save_strategy="no", report_to=[],
                                  dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True)
         trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate)
@@ -106,14 +109,15 @@ def hf_trainer_reference(model_dir: str, records, max_length: int, per_device: i
 
 
 def stage_run(model_dir: str, data_path: str, output: str, max_length: int, global_batch: int, micro: int,
-              packing: bool) -> dict:
+              packing: bool, dtype: str = "bfloat16") -> dict:
     from alpaca_ray.train.config import TrainConfig
     from alpaca_ray.train.pipeline import run_train
 
     started = time.perf_counter()
     run_train(TrainConfig(base_model=model_dir, data=data_path, output=output, num_workers=2, epochs=1,
                           global_batch_size=global_batch, micro_batch_size=micro, max_length=max_length,
-                          packing=packing, eval_fraction=0.0, checkpoint_every=10_000, max_failures=0))
+                          packing=packing, eval_fraction=0.0, checkpoint_every=10_000, max_failures=0,
+                          dtype=dtype, prompt_format="alpaca"))  # the reference's tokens, whatever the model
     wall = time.perf_counter() - started
     steps = [json.loads(line) for line in open(os.path.join(output, "metrics.jsonl")) if '"loss"' in line]
     real, computed = sum(r["real_tokens"] for r in steps), sum(r["computed_tokens"] for r in steps)
@@ -132,24 +136,27 @@ def cpu_benchmark(args) -> None:
     work = tempfile.mkdtemp(prefix="alpaca-ray-bench-")
     # A tokenizer with a real vocabulary (trained here on the data) gives realistic token counts.
     texts = default_texts() + [t for r in records for t in (r.instruction, r.input, r.output)]
-    model_dir = make_tiny_model(os.path.join(work, "model"), texts=texts, vocab_size=args.vocab_size,
-                                hidden_size=args.hidden_size)
+    dtype = args.dtype or "bfloat16"
+    model_dir = args.model or make_tiny_model(os.path.join(work, "model"), texts=texts, vocab_size=args.vocab_size,
+                                              hidden_size=args.hidden_size)
+    model_name = args.model or f"tiny Llama hidden {args.hidden_size}, vocab {args.vocab_size}"
     data_path = os.path.join(work, "data.jsonl")
     write_records(records, data_path)
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     per_worker_micro = args.micro
     results = {
         "HF Trainer, pad to longest (reference)": hf_trainer_reference(
-            model_dir, records, args.max_length, per_device=args.micro, accumulation=args.global_batch // args.micro),
+            model_dir, records, args.max_length, per_device=args.micro, accumulation=args.global_batch // args.micro,
+            dtype=dtype),
         "alpaca-ray, packing": stage_run(model_dir, data_path, os.path.join(work, "packed"), args.max_length,
-                                         args.global_batch, per_worker_micro, True),
+                                         args.global_batch, per_worker_micro, True, dtype),
         "alpaca-ray, length-grouped": stage_run(model_dir, data_path, os.path.join(work, "grouped"), args.max_length,
-                                                args.global_batch, per_worker_micro, False),
+                                                args.global_batch, per_worker_micro, False, dtype),
     }
     ray.shutdown()
     reference = results["HF Trainer, pad to longest (reference)"]["tokens_per_s"]
-    print(f"\ndata: {len(records)} examples from {source}; tiny Llama hidden {args.hidden_size}, vocab {args.vocab_size}; "
-          f"max_length {args.max_length}; global batch {args.global_batch}; 1 epoch; bf16")
+    print(f"\ndata: {len(records)} examples from {source}; {model_name}; "
+          f"max_length {args.max_length}; global batch {args.global_batch}; 1 epoch; {dtype}")
     print("| run | real tokens/s | vs reference | real-token share | train time (s) |")
     print("|---|---:|---:|---:|---:|")
     for name, r in results.items():
@@ -272,7 +279,7 @@ def lora_cpu_benchmark(args) -> None:
         run_train(TrainConfig(base_model=model_dir, data=data_path, output=output, num_workers=2, epochs=1,
                               global_batch_size=args.global_batch, micro_batch_size=args.micro,
                               max_length=args.max_length, eval_fraction=0.0, max_steps=args.steps,
-                              checkpoint_every=10_000, max_failures=0, dtype=args.dtype, **extra))
+                              checkpoint_every=10_000, max_failures=0, dtype=args.dtype or "float32", **extra))
         steps = [json.loads(line) for line in open(os.path.join(output, "metrics.jsonl")) if '"loss"' in line]
         checkpoints = sorted(glob.glob(os.path.join(output, "ray_results", "train", "checkpoint_step_*")))
         final = os.path.join(output, "final")
@@ -286,7 +293,7 @@ def lora_cpu_benchmark(args) -> None:
     full = rows["full fine-tuning"]
     print(f"\nmodel: Llama from a config, {params / 1e6:.0f}M parameters (hidden 768, {args.layers} layers, vocab "
           f"{args.vocab_size}); data: {source}; max_length {args.max_length}; global batch {args.global_batch}, "
-          f"micro {args.micro}; 2 CPU workers (1 CPU each), FSDP2 over gloo, {args.dtype} compute; {full['steps']} steps "
+          f"micro {args.micro}; 2 CPU workers (1 CPU each), FSDP2 over gloo, {args.dtype or 'float32'} compute; {full['steps']} steps "
           f"each (first excluded from the step time); load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     print("| run | trainable params | peak memory per worker (GB) | step time (s) | checkpoint (MB) | final/ (MB) |")
     print("|---|---:|---:|---:|---:|---:|")
@@ -385,8 +392,10 @@ def main() -> None:
     parser.add_argument("--packing-comparison", action="store_true", help="with --gpu: packing vs padding instead")
     parser.add_argument("--lora-comparison", action="store_true", help="CPU: full vs LoRA on a ~100M model")
     parser.add_argument("--layers", type=int, default=10, help="--lora-comparison: decoder layers (10: ~100M)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                        help="--lora-comparison: compute dtype (CPUs without AVX512-BF16 emulate bf16 slowly)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                        help="compute dtype (default: bfloat16 for the CPU comparison, float32 for "
+                             "--lora-comparison; CPUs without AVX512-BF16 emulate bf16 slowly)")
+    parser.add_argument("--model", help="CPU comparison: a model directory (e.g. runs/smollm2) instead of the tiny one")
     parser.add_argument("--examples", type=int, default=256)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--hidden-size", type=int, default=64)

@@ -72,6 +72,9 @@ def test_fsdp2_fine_tunes_real_weights_on_conversations_and_resumes(chat_run, sm
     output, after_first, first_log, second_log = chat_run
     assert "prompt format: chat" in first_log and "loss on assistant turns" in first_log
     assert "resumed from checkpoint at step 1" in second_log
+    # the log: one line per step (rank 0 only, printed once), none of Ray Data's execution lines
+    assert first_log.count("step 1/1 (epoch 0): loss ") == 1 and second_log.count("step 2/2 (epoch 0): loss ") == 1
+    assert "execution finished" not in first_log + second_log and "Reporting training result" not in first_log
     steps, evals = read_metrics(output)
     assert [r["step"] for r in steps] == [1, 2]  # each step once: the resumed run did not redo step 1
     assert [r["step"] for r in evals] == [0, 1, 2]  # the baseline before any update, then each run's end

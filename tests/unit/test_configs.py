@@ -59,6 +59,20 @@ def test_quickstart_is_offline_tiny_and_on_cpu():
     assert "evaluate" not in specs
 
 
+def test_real_model_quickstart_is_offline_on_cpu_and_matches_the_readme():
+    path = REPO_ROOT / "configs" / "quickstart-smollm2.yaml"
+    specs = specs_of(path)
+    raw = yaml.safe_load(path.read_text())
+    assert (REPO_ROOT / raw["teacher"]["replay"]) == BUNDLED_REPLAY and "teacher_base_url" not in specs["generate"].values
+    train = specs["train"].values
+    assert train["use_gpu"] is False and train["base_model"].endswith("runs/smollm2")
+    assert train["lr"] <= 2e-5 and train.get("prompt_format", "auto") == "auto"  # its own chat template
+    # the README runs exactly the init-model command the config's header names
+    readme = (REPO_ROOT / "README.md").read_text()
+    init = next(line for line in path.read_text().splitlines() if "init-model --from-gguf" in line)
+    assert init.lstrip("# ").strip() in readme and "--config configs/quickstart-smollm2.yaml" in readme
+
+
 def test_alpaca_7b_is_alpacas_exact_recipe():
     specs = specs_of(REPO_ROOT / "configs" / "alpaca-7b.yaml")
     generate, train = specs["generate"].values, specs["train"].values
