@@ -8,8 +8,8 @@ It wraps the official ``openai`` async client with what paying for every answer 
 - retries of 429s, 5xx answers, time-outs and dropped connections with exponential backoff and jitter,
   honouring the server's ``Retry-After`` up to a cap (``max_retry_after_s``; a longer wait is logged
   and counted);
-- clear errors for what retrying cannot fix (a wrong key, an unknown model), whose messages never
-  contain the key;
+- clear errors for what retrying cannot fix (a wrong key, an unknown model, a server that is no OpenAI
+  API at all: its 404/405/501 answers or its web pages), whose messages never contain the key;
 - :class:`RawJournal`, an append-only JSON Lines file each answer is written to (flushed and fsynced)
   before anything else happens to it, so nothing paid for is lost when a process dies.
 """
@@ -63,6 +63,16 @@ class RetriesExhaustedError(LLMError):
 
 class MalformedResponseError(LLMError):
     """The endpoint answered 200 with something that is not an OpenAI completion."""
+
+    #: The HTTP exchange, as :func:`http_answer` words it ('' when unknown).
+    answer = ""
+
+
+class NotOpenAICompatibleError(LLMError):
+    """Something answered at the base URL, but not as an OpenAI API does: a 404 that is no OpenAI error,
+    a 405 or 501 on the API's routes (a static file server, a web app). Never retried."""
+
+    answer = ""
 
 
 class RequestRejectedError(LLMError):
@@ -423,12 +433,16 @@ class LLMClient:
                     raise AuthError(f"{endpoint.base_url} refused the API key from ${endpoint.api_key_env} "
                                     f"(HTTP {err.status_code}); check that it is set to a valid key") from None
                 except openai.NotFoundError as err:
+                    if not _is_openai_error(err.response):  # a web server's "no such page", not "no such model"
+                        raise _not_openai(endpoint, err.response) from None
                     raise ModelNotFoundError(
                         f"{endpoint.base_url} has no model {endpoint.model!r} (HTTP 404: "
                         f"{self._redact(_error_message(err))}); check --teacher-model / the model name") from None
                 except (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError,
                         openai.ConflictError) as err:
                     status = getattr(err, "status_code", None)
+                    if status == 501:  # Not Implemented: this server has no such API, however often it is asked
+                        raise _not_openai(endpoint, err.response) from None
                     if isinstance(err, openai.RateLimitError) and _error_code(err) == "insufficient_quota":
                         raise QuotaExceededError(
                             f"{endpoint.base_url}: the account of the key in ${endpoint.api_key_env} has no quota "
@@ -452,6 +466,8 @@ class LLMClient:
                     retries += 1
                     continue
                 except openai.APIStatusError as err:
+                    if err.status_code in (405, 501):  # the route takes no POST: no OpenAI API lives here
+                        raise _not_openai(endpoint, err.response) from None
                     if err.status_code >= 500 or err.status_code == 408:  # a 5xx the client did not map; 408
                         if retries < endpoint.max_retries:
                             await asyncio.sleep(backoff_seconds(retries, endpoint.backoff_base_s,
@@ -472,20 +488,33 @@ class LLMClient:
                 return completion
 
     async def _call(self, client: Any, prompt: str | list[dict], sampling: dict) -> Completion:
+        import openai
+
         endpoint = self.endpoint
+        # The raw response first: a malformed answer is then reported with its URL, status and content type.
         if endpoint.api == "chat":
             messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-            response = await client.chat.completions.create(model=endpoint.model, messages=messages, **sampling)
-            choice = response.choices[0]
-            text = choice.message.content
+            raw = await client.chat.completions.with_raw_response.create(model=endpoint.model, messages=messages,
+                                                                         **sampling)
         else:
             if not isinstance(prompt, str):
                 raise LLMError("the completions API takes a string prompt, not chat messages")
-            response = await client.completions.create(model=endpoint.model, prompt=prompt, **sampling)
+            raw = await client.completions.with_raw_response.create(model=endpoint.model, prompt=prompt, **sampling)
+        response = None
+        try:
+            response = raw.parse()
             choice = response.choices[0]
-            text = choice.text
-        if isinstance(response, str) or not isinstance(text, str):
-            raise ValueError("no text in the response's first choice")
+            text = choice.message.content if endpoint.api == "chat" else choice.text
+            if not isinstance(text, str):
+                raise ValueError("no text in the response's first choice")
+        except (openai.APIResponseValidationError, ValueError, TypeError, AttributeError, IndexError, KeyError) as err:
+            answer = http_answer(raw.http_response)
+            detail = (f"the body starts {self._redact(response[:80])!r}" if isinstance(response, str)
+                      else f"{type(err).__name__}: {self._redact(str(err))[:200]}")
+            malformed = MalformedResponseError(f"{endpoint.base_url} answered with a malformed response: {answer}, "
+                                               f"not {_expected(endpoint.api)} ({detail})")
+            malformed.answer = answer
+            raise malformed from None
         usage = getattr(response, "usage", None)
         return Completion(text=text, finish_reason=str(choice.finish_reason or "stop"),
                           prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
@@ -494,18 +523,20 @@ class LLMClient:
                           top_logprobs=_top_logprobs(getattr(choice, "logprobs", None)))
 
     async def check(self) -> None:
-        """Fail now, clearly, on an unreachable endpoint, a wrong key or an unknown model.
+        """Fail now, clearly, on an unreachable endpoint, a wrong key, an unknown model, or a server that is
+        no OpenAI API (a static file server, a web app: the run would otherwise retry it for minutes).
 
         Lists the models (free); when the server cannot list them, or lists none, it sends one
-        one-token request instead.
+        one-token request instead, never retried.
         """
         import openai
 
         endpoint = self.endpoint
         client = self._client()
+        listing = ""  # what GET /models answered, when it was no model list
+        listed: list[str] = []
         try:
-            page = await client.models.list()
-            listed = [m.id for m in page.data]
+            raw = await client.models.with_raw_response.list()
         except openai.APITimeoutError:
             raise EndpointUnreachableError(f"{endpoint.base_url} did not answer within {endpoint.timeout_s:g}s") from None
         except openai.APIConnectionError:
@@ -515,8 +546,13 @@ class LLMClient:
         except (openai.AuthenticationError, openai.PermissionDeniedError) as err:
             raise AuthError(f"{endpoint.base_url} refused the API key from ${endpoint.api_key_env} "
                             f"(HTTP {err.status_code}); check that it is set to a valid key") from None
-        except (openai.APIStatusError, openai.APIResponseValidationError, ValueError, TypeError, AttributeError):
-            listed = []
+        except openai.APIStatusError as err:  # some servers list no models: the probe below decides
+            listing = http_answer(err.response)
+        else:
+            try:
+                listed = [m.id for m in raw.parse().data]
+            except (openai.APIResponseValidationError, ValueError, TypeError, AttributeError, KeyError):
+                listing = f"{http_answer(raw.http_response)} with no OpenAI model list"
         if listed:
             if endpoint.model not in listed:
                 shown = ", ".join(sorted(listed)[:20]) + (" ..." if len(listed) > 20 else "")
@@ -529,6 +565,12 @@ class LLMClient:
             if "connection failed" in str(err):
                 raise EndpointUnreachableError(f"cannot reach {endpoint.base_url}") from None
             # A 429/5xx on the probe says the server is there; the run's own retries deal with it.
+        except (NotOpenAICompatibleError, MalformedResponseError) as err:
+            answers = f"{listing} and {err.answer}" if listing else err.answer
+            raise NotOpenAICompatibleError(
+                f"{endpoint.base_url} is not an OpenAI-compatible API: {answers}, where {_expected(endpoint.api)} "
+                "was expected; check the base URL (an OpenAI-compatible server's usually ends in /v1). Nothing "
+                "was sent beyond this check") from None
         finally:
             await probe.aclose()  # its own HTTP pool, not closed by the caller's aclose()
 
@@ -565,6 +607,36 @@ def _top_logprobs(logprobs: Any) -> list[list[dict]] | None:
     if top is not None:  # completions: [{token: logprob}]
         return [[{"token": token, "logprob": float(lp)} for token, lp in (position or {}).items()] for position in top]
     return None
+
+
+def http_answer(response: Any) -> str:
+    """One HTTP exchange in words, for error messages: ``POST URL answered HTTP 404 (text/html)``."""
+    request = response.request
+    kind = (response.headers.get("content-type") or "no content type").split(";")[0].strip()
+    return f"{request.method} {request.url} answered HTTP {response.status_code} ({kind})"
+
+
+def _expected(api: str) -> str:
+    return ("an OpenAI chat completion (JSON with 'choices')" if api == "chat"
+            else "an OpenAI text completion (JSON with 'choices')")
+
+
+def _is_openai_error(response: Any) -> bool:
+    """Whether an error answer is an OpenAI-style error (``{"error": {...}}``, or vLLM's older
+    ``{"object": "error", "message": ...}``), rather than some web server's page."""
+    try:
+        body = response.json()
+    except Exception:  # noqa: BLE001 - HTML, plain text, nothing: not an API's error
+        return False
+    return isinstance(body, dict) and ("error" in body or body.get("object") == "error")
+
+
+def _not_openai(endpoint: EndpointConfig, response: Any) -> NotOpenAICompatibleError:
+    answer = http_answer(response)
+    err = NotOpenAICompatibleError(f"{endpoint.base_url} is not an OpenAI-compatible API: {answer}, where "
+                                   f"{_expected(endpoint.api)} was expected; check the base URL")
+    err.answer = answer
+    return err
 
 
 def _error_code(err: Exception) -> str | None:

@@ -23,6 +23,7 @@ from alpaca_ray.llm_client import (
     LLMError,
     MalformedResponseError,
     ModelNotFoundError,
+    NotOpenAICompatibleError,
     QuotaExceededError,
     RawJournal,
     RequestRejectedError,
@@ -30,7 +31,7 @@ from alpaca_ray.llm_client import (
 )
 
 #: Failures that will not go away by asking again: the run stops at once.
-FATAL_FAILURES = ("auth", "model_not_found", "quota")
+FATAL_FAILURES = ("auth", "model_not_found", "quota", "not_openai_compatible")
 
 
 def new_run_id() -> str:
@@ -145,6 +146,8 @@ async def ask_teacher(client: LLMClient, journal: RawJournal, request: dict, sam
         return {"request_id": request["request_id"], "failure": "model_not_found", "message": str(err)}
     except QuotaExceededError as err:
         return {"request_id": request["request_id"], "failure": "quota", "message": str(err)}
+    except NotOpenAICompatibleError as err:
+        return {"request_id": request["request_id"], "failure": "not_openai_compatible", "message": str(err)}
     except LLMError as err:
         return {"request_id": request["request_id"], "failure": type(err).__name__, "message": str(err),
                 "retry_after_capped": int(getattr(err, "retry_after_capped", 0))}

@@ -40,7 +40,13 @@ from alpaca_ray.cluster.ray_cluster import ensure_ray
 from alpaca_ray.cluster.services import serve_app_url
 from alpaca_ray.config import UserError, config_from_dict, config_to_dict
 from alpaca_ray.prompts import PROMPT_NO_INPUT, PROMPT_WITH_INPUT, format_prompt
-from alpaca_ray.serve.config import ServeConfig, api_key_hash, hash_key, resolve_config
+from alpaca_ray.serve.config import (
+    ServeConfig,
+    api_key_hash,
+    check_port_free,
+    hash_key,
+    resolve_config,
+)
 from alpaca_ray.serve.content_filter import REFUSAL, make_filter
 from alpaca_ray.serve.engine import (
     Delta,
@@ -675,6 +681,16 @@ def wait_healthy(url: str, timeout_s: float) -> None:
                     "already runs on this cluster with another HTTP port, pass that port as --port")
 
 
+def serve_is_running() -> bool:
+    """Whether Serve's controller runs on the cluster this process joined (then its proxy is up already)."""
+    from ray.serve.context import _get_global_client  # a private accessor of Ray 2.60, as in serve_app_url
+
+    try:
+        return _get_global_client(raise_if_no_controller_running=False) is not None
+    except Exception:  # noqa: BLE001 - a controller that is going away: Serve will be started anew
+        return False
+
+
 def _proxy_differs(config: ServeConfig, url: str) -> bool:
     """Whether the app's real URL shows a proxy bound otherwise than ``config`` asks."""
     actual = urlparse(url)
@@ -693,7 +709,19 @@ def deploy(config: ServeConfig, api_key_sha256: str | None = None) -> str:
     app = build_app(config, api_key_sha256)  # before anything starts, so a bad config fails without side effects
     check_moderation(config)
     ensure_ray()
-    serve.start(proxy_location=config.proxy_location, http_options={"host": config.host, "port": config.port})
+    serve_was_running = serve_is_running()
+    if not serve_was_running:  # a running Serve keeps its proxy and port (reused, see the note below)
+        check_port_free(config.host, config.port)
+    try:
+        serve.start(proxy_location=config.proxy_location, http_options={"host": config.host, "port": config.port})
+    except RuntimeError as err:  # a proxy failed to bind after all (taken since the check, on another node...)
+        if "Failed to bind" not in str(err):
+            raise
+        if not serve_was_running:
+            serve.shutdown()  # else the controller restarts the failing proxy for as long as the cluster lives
+        raise UserError(f"Serve's HTTP proxy failed to bind {config.host}:{config.port} on a node of the cluster "
+                        "(another program holds the port there, or the address is not that node's): pass a free "
+                        "--port, or another --host") from None
     try:
         serve.run(app, name=config.app_name, route_prefix=config.route_prefix, blocking=False)
     except RuntimeError as err:  # a replica failed to start (e.g. the model would not load): say why, briefly

@@ -11,7 +11,14 @@ from alpaca_ray.cluster.preflight import finish, preflight_stage
 from alpaca_ray.cluster.ray_cluster import ensure_ray
 from alpaca_ray.cluster.services import wait_for_stop_signal
 from alpaca_ray.config import UserError, config_from_args, config_to_dict, make_parser, run_cli
-from alpaca_ray.serve.config import ServeConfig, is_loopback, resolve_config, take_api_key_hash
+from alpaca_ray.hub import check_model_exists
+from alpaca_ray.serve.config import (
+    ServeConfig,
+    check_port_free,
+    is_loopback,
+    resolve_config,
+    take_api_key_hash,
+)
 
 
 def serve_model_root(model: str) -> str | None:
@@ -29,6 +36,12 @@ def serve_model(config: ServeConfig) -> str:
     # the key is read here and removed from this process's environment before any Ray process can inherit
     # it (a cluster started below does): only its SHA-256 goes to the replicas
     key_hash = take_api_key_hash(config)
+    ray = sys.modules.get("ray")  # imported and initialised only by a caller that has a cluster already
+    if config.blocking and not os.environ.get("RAY_ADDRESS") and not (ray and ray.is_initialized()):
+        # A new local cluster, on this machine: its proxy binds here and its replicas load the model here,
+        # so both are checked now, in one line each, rather than in Ray's proxy and replica logs.
+        check_port_free(config.host, config.port)
+        check_model_exists(config.model, "--model")
     if config.blocking:
         ensure_ray()  # RAY_ADDRESS's cluster, else a local one that lives as long as this process
     else:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import socket
 from dataclasses import dataclass
 from typing import Literal
 
@@ -11,6 +13,7 @@ from alpaca_ray.chat import check_prompt_format
 from alpaca_ray.cluster import storage
 from alpaca_ray.cluster.sqlite_store import remote_path_message
 from alpaca_ray.config import UserError, config_from_dict, config_to_dict, option, validate
+from alpaca_ray.hub import looks_like_path
 
 
 @dataclass
@@ -137,6 +140,33 @@ def is_loopback(host: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Refuse, in one line, a ``--host``/``--port`` that Serve's HTTP proxy could not bind, by binding it the
+    way the proxy does. Else Ray's proxy actor fails to bind, is restarted and fails again, with a traceback
+    each time. Only for a cluster whose Serve is not running yet: a running one keeps its own proxy."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            raise UserError(proxy_bind_problem(host, port, err)) from None
+
+
+def proxy_bind_problem(host: str, port: int, err: OSError) -> str:
+    """Why Serve's HTTP proxy cannot bind ``host:port``, and what to do, in one line."""
+    code = err.errno
+    if code == errno.EADDRINUSE:
+        return (f"port {port} on {host} is already in use by another program (another alpaca-ray serve or Ray "
+                "Serve?): stop it or pass a free --port; to add this app to a cluster that already runs Serve, "
+                "set RAY_ADDRESS to that cluster")
+    if code == errno.EADDRNOTAVAIL:
+        return (f"cannot bind {host}:{port} for Serve's HTTP proxy: {host} is not an address of this machine; "
+                "pass --host 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)")
+    if code == errno.EACCES:
+        return (f"cannot bind {host}:{port} for Serve's HTTP proxy: permission denied (ports below 1024 need "
+                "root); pass a --port of 1024 or more")
+    return f"cannot bind {host}:{port} for Serve's HTTP proxy: {err.strerror or err}; pass another --host/--port"
+
+
 def hash_key(key: str) -> str:
     """What replicas compare API keys by: SHA-256, so the key itself never travels to them."""
     return hashlib.sha256(key.encode()).hexdigest()
@@ -158,7 +188,10 @@ def resolve_config(config: ServeConfig) -> ServeConfig:
         if not config.served_model_name:
             values["served_model_name"] = config.model_id
     model = os.path.expanduser(config.model)
-    looks_local = config.model.startswith(("/", "./", "../", "~")) or os.path.exists(model)
+    looks_local = looks_like_path(config.model) or os.path.exists(model)
+    if looks_local and not os.path.exists(model):
+        raise UserError(f"--model: no such model directory: {config.model} (give the train stage's OUTPUT/final "
+                        "or a Hugging Face model dir or hub name)")
     if looks_local and not any(os.path.isfile(os.path.join(model, name)) for name in ("config.json",
                                                                                       "adapter_config.json")):
         raise UserError(f"--model {config.model}: not a model directory (no config.json there); give the train "

@@ -18,6 +18,7 @@ from alpaca_ray.cluster import storage
 from alpaca_ray.cluster.preflight import finish, preflight_stage
 from alpaca_ray.cluster.ray_cluster import ensure_ray
 from alpaca_ray.config import UserError, config_to_dict
+from alpaca_ray.hub import check_model_exists
 from alpaca_ray.records import AlpacaRecord, ChatRecord, load_records, training_record_from_dict
 from alpaca_ray.train.config import TrainConfig
 
@@ -122,6 +123,7 @@ def read_chat_template(cfg: TrainConfig) -> str:
 
 def inspect_model(cfg: TrainConfig, chat_template: str = "") -> ModelInfo:
     """The base model's dtype, packing support, chat template and EOS ids, without loading its weights."""
+    check_model_exists(cfg.base_model, "--base-model")  # a missing path or an unreachable hub: one line
     import torch
     from transformers import AutoConfig
 
@@ -301,18 +303,19 @@ def scaling_config(cfg: TrainConfig):
 
 def run_train(cfg: TrainConfig) -> dict:
     """Fine-tune ``cfg.base_model`` on ``cfg.data``; returns a summary (paths, counts, last metrics)."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
-    from ray.train.torch import TorchTrainer
-
-    from alpaca_ray.train.loop import train_loop_per_worker
-    from alpaca_ray.train.model import choose_attention
-
     cfg = resolve_paths(cfg)
     chat_template = read_chat_template(cfg)
     info = inspect_model(cfg, chat_template)
     records = read_dataset(cfg)
     prompt_format = resolve_prompt_format(cfg, info, records)
     has_checkpoint = check_run_dir(cfg)
+    # Ray Train only now: bad input above is refused without the seconds its import takes.
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    from alpaca_ray.train.loop import train_loop_per_worker
+    from alpaca_ray.train.model import choose_attention
+
     # A new local cluster gets enough logical CPUs for the workers plus Ray Data, even on a small machine.
     ensure_ray(local_num_cpus=max(os.cpu_count() or 1, cfg.num_workers * cfg.cpus_per_worker + 2))
     # On a cluster: every node sees the root the checkpoints, metrics and final/ go to (and has HF_TOKEN

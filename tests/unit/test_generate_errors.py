@@ -7,7 +7,11 @@ before it is handed on, malformed answers are journaled and flagged, refusals ar
 from __future__ import annotations
 
 import asyncio
+import http.server
 import json
+import os
+import threading
+import urllib.request
 
 import pytest
 
@@ -15,6 +19,7 @@ from alpaca_ray.generate.calls import ask_teacher
 from alpaca_ray.generate.cli import main
 from alpaca_ray.llm_client import EndpointConfig, LLMClient, RawJournal
 from alpaca_ray.openai_server import OpenAIServer, Reply
+from tests.conftest import run_cli
 from tests.support.generate_teacher import SelfInstructTeacher, write_seed_tasks
 from tests.support.ray_head import free_port
 
@@ -62,6 +67,85 @@ def test_unknown_model_stops_before_any_completion(tmp_path, seeds, key_env, cap
 def test_unreachable_endpoint(tmp_path, seeds, key_env, capsys):
     status, text = run(base_args(tmp_path, seeds, f"http://127.0.0.1:{free_port()}/v1"), capsys)
     assert status == 2 and "cannot reach" in text
+
+
+class StaticFiles(http.server.SimpleHTTPRequestHandler):
+    """A plain static file server, as ``python -m http.server`` is: ``GET /`` answers 200 (a directory
+    listing), the API's routes 404, any POST 501. Every request is recorded in ``seen``."""
+
+    seen: list = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, directory=os.path.dirname(__file__), **kwargs)
+
+    def send_head(self):
+        self.seen.append((self.command, self.path))
+        return super().send_head()
+
+    def do_POST(self):  # what the stdlib server does (501), recorded first
+        self.seen.append((self.command, self.path))
+        self.send_error(501, f"Unsupported method ({self.command!r})")
+
+    def log_message(self, *args):
+        pass
+
+
+class WebPages(StaticFiles):
+    """A web app that answers everything, GET and POST, with 200 and an HTML page."""
+
+    def do_GET(self):
+        self.seen.append((self.command, self.path))
+        self._page()
+
+    def do_POST(self):
+        self.seen.append((self.command, self.path))
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self._page()
+
+    def _page(self):
+        body = b"<!DOCTYPE html><html><body><h1>Welcome</h1></body></html>"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.mark.parametrize("handler, answers", [
+    (StaticFiles, ["GET {url}/models answered HTTP 404 (text/html)",
+                   "POST {url}/chat/completions answered HTTP 501 (text/html)"]),
+    (WebPages, ["GET {url}/models answered HTTP 200 (text/html) with no OpenAI model list",
+                "POST {url}/chat/completions answered HTTP 200 (text/html)"]),
+], ids=["static-file-server", "html-200"])
+def test_a_server_that_is_no_openai_api_stops_at_the_check(tmp_path, seeds, handler, answers):
+    """A real process against a real HTTP server that is up but no OpenAI API: one line naming the URL, the
+    statuses and what was expected, after the free model list and one never-retried probe; no journal."""
+    handler.seen = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    root = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with urllib.request.urlopen(root + "/") as page:
+            assert page.status == 200  # the server is up: only its answers to the API tell it is no teacher
+        handler.seen.clear()
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # the check comes before any Ray
+        result = run_cli(["generate", "--output", str(tmp_path / "out"), "--target", "5", "--seed-tasks", seeds,
+                          "--teacher-base-url", root + "/v1", "--teacher-model", "teacher", "--no-progress"],
+                         env=env, timeout=120)
+    finally:
+        server.shutdown()
+        server.server_close()
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert len(lines) == 1 and "Traceback" not in result.stdout + result.stderr, result.stderr
+    (line,) = lines
+    assert f"{root}/v1 is not an OpenAI-compatible API" in line and "OpenAI chat completion" in line
+    for answer in answers:
+        assert answer.format(url=root + "/v1") in line, line
+    # the free listing and one one-token probe, never retried (a 501 is never retried): nothing else sent
+    assert handler.seen == [("GET", "/v1/models"), ("POST", "/v1/chat/completions")]
+    raw = tmp_path / "out" / "raw"
+    assert not raw.exists() or not any(raw.iterdir())  # nothing journaled: a rerun resumes from nothing
 
 
 @pytest.mark.parametrize("change, message", [

@@ -19,6 +19,7 @@ from alpaca_ray.llm_client import (
     LLMError,
     MalformedResponseError,
     ModelNotFoundError,
+    NotOpenAICompatibleError,
     QuotaExceededError,
     RateLimiter,
     RawJournal,
@@ -99,6 +100,23 @@ def test_retries_exhausted(key_env):
         with pytest.raises(RetriesExhaustedError, match="after 3 attempts"):
             LLMClient(endpoint(server, max_retries=2)).complete_sync("hi")
         assert len(server.requests) == 3
+
+
+def test_what_asking_again_cannot_fix_is_never_retried(key_env):
+    statuses = [400, 401, 403, 404, 405, 422, 501]
+    with OpenAIServer(Script(*(Reply(status=status) for status in statuses)), models=["teacher"]) as server:
+        for count, status in enumerate(statuses, 1):  # one server, one answer each: a retry would shift them
+            with pytest.raises(LLMError, match=f"HTTP {status}"):
+                LLMClient(endpoint(server, max_retries=3)).complete_sync("hi")
+            assert len(server.requests) == count
+
+
+def test_a_404_page_that_is_no_openai_error_says_so(key_env):
+    page = Reply(status=404, raw_body=b"<html>Not Found</html>")  # no {"error": ...}: no model is unknown
+    with OpenAIServer(Script(page), models=["teacher"]) as server:
+        with pytest.raises(NotOpenAICompatibleError, match="chat/completions answered HTTP 404"):
+            LLMClient(endpoint(server, max_retries=3)).complete_sync("hi")
+        assert len(server.requests) == 1
 
 
 def test_429_out_of_quota_stops_at_once_without_retrying(key_env):

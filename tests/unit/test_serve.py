@@ -9,7 +9,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -27,6 +29,7 @@ from alpaca_ray.serve.metrics import Metrics, parse_prometheus
 from alpaca_ray.serve.openai_api import ChatRequest, sse, validation_error
 from alpaca_ray.serve.reports import ReportStore, export_reports
 from tests.conftest import run_cli
+from tests.support.ray_head import free_port
 from tests.support.serve_moderation import ModerationServer
 
 
@@ -192,9 +195,47 @@ def test_missing_api_key_variable_is_a_clear_error(monkeypatch):
 
 def test_serve_cli_rejects_a_missing_model_dir_before_touching_ray(tmp_path):
     result = run_cli(["serve", "--model", str(tmp_path / "no-model"), "--no-blocking"])
-    assert result.returncode == 2 and "not a model directory" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2 and f"no such model directory: {tmp_path / 'no-model'}" in result.stderr
+    assert "Traceback" not in result.stderr
+    (tmp_path / "not-a-model").mkdir()
+    empty = run_cli(["serve", "--model", str(tmp_path / "not-a-model"), "--no-blocking"])
+    assert empty.returncode == 2 and "not a model directory (no config.json there)" in empty.stderr
     bad = run_cli(["serve", "--model", "m", "--port", "0", "--watermark-gamma", "2"])
     assert bad.returncode == 2 and "port" in bad.stderr and "watermark_gamma" in bad.stderr
+
+
+def _one_error_line(result: subprocess.CompletedProcess) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert len(lines) == 1 and "Traceback" not in result.stdout + result.stderr, result.stderr
+    return lines[0]
+
+
+def _without_a_cluster() -> dict:
+    """The environment of a user's shell: no RAY_ADDRESS, so serve would start a new local cluster."""
+    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+
+def test_serve_cli_refuses_a_port_in_use_before_starting_ray(tmp_path):
+    """A real process and a real listening socket: one line naming the port and host, not Ray's proxy
+    tracebacks (the check binds the port the way Serve's proxy does, before any cluster starts)."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")  # the one file read before the cluster would start
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli(["serve", "--model", str(model), "--host", "127.0.0.1", "--port", str(port)],
+                         env=_without_a_cluster(), timeout=120)
+    line = _one_error_line(result)
+    assert f"port {port} on 127.0.0.1 is already in use" in line and "--port" in line
+
+
+def test_serve_cli_refuses_a_hub_model_it_cannot_get(tmp_path):
+    env = {**_without_a_cluster(), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}  # empty cache
+    result = run_cli(["serve", "--model", "someorg/no-such-model", "--port", str(free_port())], env=env, timeout=120)
+    assert "--model someorg/no-such-model: not found locally and the hub is unreachable" in _one_error_line(result)
 
 
 # --- alpaca_ray.cluster.services ------------------------------------------------------------------------
